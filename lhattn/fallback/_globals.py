@@ -1,0 +1,66 @@
+"""Global tokens for the blocked fallback: the extra key source and the global rows."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .engine import KeyBlock, QueryBlock, blocked_attention
+
+__all__ = ["global_key_block", "attend_with_global_rows"]
+
+ROW_BLOCK = 128  # global query rows per block (each block sees all N keys)
+
+
+def global_key_block(gidx: Tensor, local_rows: Optional[Tensor]) -> KeyBlock:
+    """Global keys (``gidx [B, G]``, -1 = none) as seen by query rows whose
+    ``local_rows [B, Bq]`` is True (None = all rows)."""
+    mask = (gidx >= 0)[:, None, None, :]
+    if local_rows is not None:
+        mask = mask & local_rows[:, None, :, None]
+    return KeyBlock(index=gidx, mask=mask)
+
+
+class _AllKeysPlan:
+    """Rows of a gathered ``[B, H, G, D]`` query see every valid key."""
+
+    def __init__(self, gidx: Tensor, valid: Optional[Tensor], n: int):
+        self.gidx, self.valid, self.n = gidx, valid, n
+
+    def blocks(self):
+        g = self.gidx.shape[1]
+        for s in range(0, g, ROW_BLOCK):
+            rows = slice(s, min(g, s + ROW_BLOCK))
+            mask = (self.gidx[:, rows] >= 0)[:, None, :, None]
+            if self.valid is not None:
+                mask = mask & self.valid[:, None, None, :]
+            yield QueryBlock(rows=rows, keys=[KeyBlock(index=slice(0, self.n), mask=mask)])
+
+
+def attend_with_global_rows(
+    out: Tensor,
+    lse: Tensor,
+    gidx: Optional[Tensor],
+    valid: Optional[Tensor],
+    qkv: Sequence[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Replace the rows ``gidx`` of ``(out, lse)`` -- which the local pass left at
+    0 / -inf -- by full attention of those rows over every valid key."""
+    if gidx is None:
+        return out, lse
+    from .. import _ops
+
+    q, k, v = qkv
+    n = q.shape[2]
+    index = gidx[:, None, :]  # [B, 1, G]: the same rows for every head
+    q_rows = _ops.gather_rows(q, index)
+    out_g, lse_g = blocked_attention(q_rows, [(k, v)], _AllKeysPlan(gidx, valid, n), scale)
+    out = out + _ops.scatter_add_rows(out_g, index, n)
+    # lse: write the global rows (the -1 slots go to a spare column that is dropped).
+    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
+    spare = torch.cat([lse, lse.new_empty(lse.shape[:2] + (1,))], dim=2)
+    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
+    return out, spare[:, :, :n]

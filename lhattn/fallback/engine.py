@@ -1,0 +1,203 @@
+"""Blocked attention in plain PyTorch: the engine behind every fallback pattern.
+
+A pattern is described to the engine by a *plan*: an object whose ``blocks()``
+yields, for each block of consecutive query rows, which keys of each *key
+source* the block may look at and a boolean mask over them.  The engine runs
+one block at a time with an exact softmax over the union of the block's keys,
+so memory is ``O(Bq · L)`` per block and ``O(N · D)`` overall -- never ``N × N``.
+
+The backward pass recomputes the scores block by block from the saved
+log-sum-exp (the FlashAttention recipe: ``dS = P ∘ (dP − rowsum(dO ∘ O))``),
+so nothing of size ``N × window`` is kept between forward and backward.
+
+Shapes: ``q [B, H, N, D]``; each source ``k, v [B, H_kv, N_s, D]`` with
+``H % H_kv == 0`` (grouped-query attention: query head ``h`` reads key head
+``h // (H // H_kv)``).  Outputs ``out [B, H, N, D]`` in q's dtype and
+``lse [B, H, N]`` in float32 (float64 for float64 inputs); a row that sees no
+key gets ``out = 0`` and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Protocol, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["KeyBlock", "QueryBlock", "Plan", "blocked_attention"]
+
+
+@dataclass
+class KeyBlock:
+    """The keys of one source that a query block may see.
+
+    index: a ``slice`` of the source's rows (the same for every batch row), or
+        an int64 tensor ``[B, L]`` of row indices per batch row.  Indices that
+        are negative or ``>= N_s`` are padding slots: they must be masked out.
+    mask: bool, broadcastable to ``[B, H, Bq, L]``; True = the key is visible.
+    """
+
+    index: Union[slice, Tensor]
+    mask: Tensor
+
+
+@dataclass
+class QueryBlock:
+    """Rows ``rows`` of q and, per key source, the keys they see (None = none)."""
+
+    rows: slice
+    keys: Sequence[Optional[KeyBlock]]
+
+
+class Plan(Protocol):
+    def blocks(self) -> Iterator[QueryBlock]:
+        """Yield the query blocks; called once in forward and once in backward."""
+        ...
+
+
+def _select(x: Tensor, index: Union[slice, Tensor]) -> Tensor:
+    """Rows of ``x [B, Hkv, N, D]`` picked by a KeyBlock index -> ``[B, Hkv, L, D]``."""
+    if isinstance(index, slice):
+        return x[:, :, index]
+    safe = index.clamp(0, x.shape[2] - 1)
+    return torch.gather(x, 2, safe[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def _add_rows(dst: Tensor, index: Union[slice, Tensor], src: Tensor) -> None:
+    """``dst[rows picked by index] += src`` (padding slots carry zero gradient)."""
+    if isinstance(index, slice):
+        dst[:, :, index] += src
+    else:
+        safe = index.clamp(0, dst.shape[2] - 1)
+        dst.scatter_add_(2, safe[:, None, :, None].expand(-1, dst.shape[1], -1, dst.shape[3]), src)
+
+
+def _group(x: Tensor, h_kv: int) -> Tensor:
+    """``[B, H, R, C] -> [B, H_kv, (H / H_kv) * R, C]`` (query heads of one kv head side by side)."""
+    b, h, r, c = x.shape
+    return x.reshape(b, h_kv, (h // h_kv) * r, c)
+
+
+def _mask5(mask: Tensor, h: int, h_kv: int) -> Tensor:
+    """View a mask broadcastable to ``[B, H, Bq, L]`` as one broadcastable to ``[B, H_kv, g, Bq, L]``."""
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if m.shape[1] == 1:
+        return m[:, :, None]
+    return m.reshape(m.shape[0], h_kv, h // h_kv, m.shape[2], m.shape[3])
+
+
+def _scores(qb: Tensor, ks: Sequence[Tensor], masks: Sequence[Tensor], scale: float, h_kv: int):
+    """Masked scores of a query block against its keys -> ``[B, H_kv, g, Bq, ΣL]`` (fp32+)."""
+    b, h, bq, _ = qb.shape
+    g = h // h_kv
+    acc = torch.float64 if qb.dtype == torch.float64 else torch.float32
+    qg = _group(qb, h_kv)
+    parts = []
+    for kb, m in zip(ks, masks):
+        s = torch.matmul(qg, kb.transpose(-1, -2)).to(acc).mul_(scale)
+        s = s.view(b, h_kv, g, bq, kb.shape[2])
+        parts.append(s.masked_fill_(~_mask5(m, h, h_kv), float("-inf")))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _forward(q: Tensor, sources, plan: Plan, scale: float):
+    b, h, n, d = q.shape
+    h_kv = sources[0][0].shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+    for blk in plan.blocks():
+        used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
+        if not used:
+            continue
+        qb = q[:, :, blk.rows]
+        bq = qb.shape[2]
+        ks = [_select(sources[i][0], kb.index) for i, kb in used]
+        vs = [_select(sources[i][1], kb.index) for i, kb in used]
+        s = _scores(qb, ks, [kb.mask for _, kb in used], scale, h_kv)  # [B, Hkv, g, Bq, L]
+        m = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
+        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
+        p = p.to(q.dtype)
+        o = torch.zeros(b, h_kv, h // h_kv * bq, d, dtype=acc, device=q.device)
+        start = 0
+        for vb in vs:
+            stop = start + vb.shape[2]
+            pv = p[..., start:stop].reshape(b, h_kv, -1, stop - start)
+            o += torch.matmul(pv, vb).to(acc)
+            start = stop
+        out[:, :, blk.rows] = o.view(b, h, bq, d).to(q.dtype)
+        lse[:, :, blk.rows] = m.reshape(b, h, bq)
+    return out, lse
+
+
+def _backward(q, sources, plan, scale, out, lse, dout):
+    b, h, n, d = q.shape
+    h_kv = sources[0][0].shape[1]
+    g = h // h_kv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(b, h, n, d, dtype=acc, device=q.device)
+    dkv = [(torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
+           for k, v in sources]
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, N]
+    for blk in plan.blocks():
+        used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
+        if not used:
+            continue
+        qb = q[:, :, blk.rows]
+        bq = qb.shape[2]
+        ks = [_select(sources[i][0], kb.index) for i, kb in used]
+        vs = [_select(sources[i][1], kb.index) for i, kb in used]
+        s = _scores(qb, ks, [kb.mask for _, kb in used], scale, h_kv)
+        lb = lse[:, :, blk.rows].reshape(b, h_kv, g, bq)
+        p = torch.exp(s - torch.where(torch.isinf(lb), 0.0, lb)[..., None])  # [B, Hkv, g, Bq, L]
+        dob = _group(dout[:, :, blk.rows], h_kv)  # [B, Hkv, g*Bq, D]
+        db = delta[:, :, blk.rows].reshape(b, h_kv, g, bq, 1)
+        qg = _group(qb, h_kv)
+        dqb = torch.zeros(b, h_kv, g * bq, d, dtype=acc, device=q.device)
+        start = 0
+        for (i, kb), kk, vv in zip(used, ks, vs):
+            stop = start + kk.shape[2]
+            pb = p[..., start:stop]
+            dp = torch.matmul(dob, vv.transpose(-1, -2)).to(acc).view(b, h_kv, g, bq, -1)
+            ds = (pb * (dp - db)).mul_(scale).reshape(b, h_kv, g * bq, -1)
+            pb = pb.reshape(b, h_kv, g * bq, -1)
+            _add_rows(dkv[i][1], kb.index, torch.matmul(pb.to(q.dtype).transpose(-1, -2), dob).to(acc))
+            _add_rows(dkv[i][0], kb.index, torch.matmul(ds.to(q.dtype).transpose(-1, -2), qg).to(acc))
+            dqb += torch.matmul(ds.to(q.dtype), kk).to(acc)
+            start = stop
+        dq[:, :, blk.rows] = dqb.view(b, h, bq, d)
+    grads = [dq.to(q.dtype)]
+    for (k, v), (dk, dv) in zip(sources, dkv):
+        grads += [dk.to(k.dtype), dv.to(v.dtype)]
+    return grads
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, scale, q, *kv):
+        sources = list(zip(kv[0::2], kv[1::2]))
+        out, lse = _forward(q, sources, plan, scale)
+        ctx.save_for_backward(q, out, lse, *kv)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, out, lse, *kv = ctx.saved_tensors
+        sources = list(zip(kv[0::2], kv[1::2]))
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = _backward(q, sources, ctx.plan, ctx.scale, out, lse, dout)
+        return (None, None, *grads)
+
+
+def blocked_attention(q: Tensor, sources: Sequence[tuple], plan: Plan, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of ``q`` over the key sources, restricted to what ``plan`` allows.
+
+    q: ``[B, H, N, D]``; sources: ``[(k, v), ...]``, each ``[B, H_kv, N_s, D]``.
+    Differentiable in q and every k, v (first order).  Returns ``(out, lse)``.
+    """
+    flat = [t for kv in sources for t in kv]
+    return _BlockedAttention.apply(plan, float(scale), q, *flat)

@@ -1,0 +1,223 @@
+"""Public functions and backend dispatch.
+
+``backend``:
+  * ``"auto"``      -- Triton kernels for CUDA tensors (when they can run the call), else the fallback;
+  * ``"triton"``    -- the Triton kernels; CPU tensors only under ``TRITON_INTERPRET=1``;
+  * ``"fallback"``  -- blocked pure PyTorch, O(N·w) memory, any device;
+  * ``"reference"`` -- the dense-mask oracle, O(N²) memory: for testing only.
+
+Every backend computes the same function (the contract in ``lhattn.patterns``);
+``auto`` never changes the semantics, only the speed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from .patterns import LSG, Pattern, Segments, SlidingWindow
+
+__all__ = ["attention", "sliding_window_attention", "lsg_attention", "segment_attention",
+           "register_triton_backend", "triton_unavailable_reason", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "fallback", "reference")
+
+# pattern type -> (implementation, reason_fn); filled by lhattn.autograd when Triton is importable.
+# reason_fn(q, pattern) returns None when the kernel can run this call, else a sentence saying why not.
+_TRITON: Dict[type, Tuple[Callable, Callable]] = {}
+_triton_import_error: Optional[str] = None
+
+
+def register_triton_backend(pattern_type: type, impl: Callable, reason: Callable) -> None:
+    """Called by the Triton autograd modules to plug a kernel family into dispatch."""
+    _TRITON[pattern_type] = (impl, reason)
+
+
+def _load_triton() -> None:
+    global _triton_import_error
+    if _TRITON or _triton_import_error is not None:
+        return
+    try:
+        importlib.import_module("lhattn.autograd")
+    except ImportError as e:  # triton missing, or the kernels are not there yet
+        _triton_import_error = f"{type(e).__name__}: {e}"
+
+
+def triton_unavailable_reason(q: Tensor, pattern: Pattern) -> Optional[str]:
+    """None if the Triton backend can run ``pattern`` on ``q``, else why it cannot."""
+    _load_triton()
+    if type(pattern) not in _TRITON:
+        if _triton_import_error is not None:
+            return f"the Triton kernels could not be imported ({_triton_import_error})"
+        return f"no Triton kernel is implemented yet for {type(pattern).__name__}"
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"Triton kernels need CUDA tensors (got {q.device.type}); on CPU set TRITON_INTERPRET=1 "
+                "before importing lhattn to run them in Triton's interpreter")
+    return _TRITON[type(pattern)][1](q, pattern)
+
+
+def _reference(pattern: Pattern) -> Callable:
+    from . import reference
+    return {SlidingWindow: reference.sliding_window_attention, LSG: reference.lsg_attention,
+            Segments: reference.segment_attention}[type(pattern)]
+
+
+def _fallback(pattern: Pattern) -> Callable:
+    from . import fallback
+    return {SlidingWindow: fallback.sliding_window_attention, LSG: fallback.lsg_attention,
+            Segments: fallback.segment_attention}[type(pattern)]
+
+
+def _choose(backend: str, q: Tensor, pattern: Pattern) -> Callable:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return _reference(pattern)
+    if backend == "fallback":
+        return _fallback(pattern)
+    if backend == "triton":
+        why = triton_unavailable_reason(q, pattern)
+        if why is not None:
+            raise NotImplementedError(f"backend='triton' cannot run this call: {why}")
+        return _TRITON[type(pattern)][0]
+    # auto
+    if q.device.type == "cuda" and triton_unavailable_reason(q, pattern) is None:
+        return _TRITON[type(pattern)][0]
+    return _fallback(pattern)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    global_mask: Optional[Tensor] = None,
+    global_qkv: Optional[Sequence[Tensor]] = None,
+    segment_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention restricted to ``pattern``.
+
+    Args:
+        q: ``[B, H, N, D]``; any strides.
+        k, v: ``[B, H_kv, N, D]`` with ``H % H_kv == 0`` (GQA/MQA), same dtype/device as q.
+        pattern: :class:`SlidingWindow`, :class:`LSG` or :class:`Segments` (see each for
+            exactly which keys a query sees).
+        key_padding_mask: ``[B, N]`` bool, True = padding: never seen as a key; a padding
+            query's output is exactly 0 (and its gradients 0).
+        global_mask: ``[B, N]`` bool, True = global token (SlidingWindow, Segments): every
+            query sees it, and it sees every key. Counts may differ per batch row.
+        global_qkv: ``(q_g, k_g, v_g)`` shaped like ``(q, k, v)``: separate projections used
+            by the global rows (SlidingWindow only; HF Longformer's ``*_global``).
+        segment_ids: ``[B, N]`` integer, non-decreasing (Segments without ``segment_size``).
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"auto" | "triton" | "fallback" | "reference"`` (module docstring).
+        return_lse: also return ``lse [B, H, N]`` (float32; float64 for float64 inputs;
+            ``-inf`` on rows that see no key). lse carries no gradient.
+
+    Returns:
+        ``out [B, H, N, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    V.check_qkv(q, k, v)
+    if not isinstance(pattern, (SlidingWindow, LSG, Segments)):
+        raise TypeError(f"pattern must be SlidingWindow, LSG or Segments, got {type(pattern).__name__}")
+    V.check_token_mask("key_padding_mask", key_padding_mask, q)
+    V.check_token_mask("global_mask", global_mask, q)
+    V.check_scale(scale)
+    kwargs = dict(key_padding_mask=key_padding_mask, scale=scale)
+    if isinstance(pattern, SlidingWindow):
+        if segment_ids is not None:
+            raise ValueError("segment_ids is only meaningful for the Segments pattern, got it with SlidingWindow")
+        V.check_global_qkv(global_qkv, q, k)
+        kwargs.update(global_mask=global_mask, global_qkv=global_qkv)
+    elif isinstance(pattern, Segments):
+        if global_qkv is not None:
+            raise ValueError("global_qkv is only supported with SlidingWindow (Longformer), got it with Segments")
+        if (segment_ids is None) == (pattern.segment_size is None):
+            raise ValueError("Segments needs exactly one of segment_size (in the pattern) and segment_ids "
+                             f"(per call); got segment_size={pattern.segment_size} and "
+                             f"segment_ids={'given' if segment_ids is not None else None}")
+        if segment_ids is not None:
+            V.check_segment_ids(segment_ids, q)
+        kwargs.update(global_mask=global_mask, segment_ids=segment_ids)
+    else:
+        for name, val in (("global_mask", global_mask), ("global_qkv", global_qkv), ("segment_ids", segment_ids)):
+            if val is not None:
+                raise ValueError(f"{name} is not used by LSG (its global tokens are the first "
+                                 f"num_global_tokens positions); got {name} with an LSG pattern")
+    out, lse = _choose(backend, q, pattern)(q, k, v, pattern, **kwargs)
+    return (out, lse) if return_lse else out
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: Union[int, Tuple[int, int]],
+    *,
+    dilation: int = 1,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    global_mask: Optional[Tensor] = None,
+    global_qkv: Optional[Sequence[Tensor]] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Longformer attention: query i sees keys ``i + m·dilation`` for ``-left <= m <= right``
+    (inclusive), plus global keys; global queries see every key.  See :func:`attention`."""
+    return attention(q, k, v, SlidingWindow(window, dilation, causal), key_padding_mask=key_padding_mask,
+                     global_mask=global_mask, global_qkv=global_qkv, scale=scale, backend=backend,
+                     return_lse=return_lse)
+
+
+def lsg_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    block_size: int = 128,
+    sparse_block_size: Optional[int] = None,
+    sparsity_factor: int = 2,
+    sparsity_type: str = "norm",
+    num_global_tokens: int = 1,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """LSG attention (local blocks + compressed sparse keys + first-``g`` global tokens).
+    See :class:`lhattn.patterns.LSG` and :func:`attention`."""
+    pattern = LSG(block_size=block_size, sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
+                  sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, causal=causal)
+    return attention(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, backend=backend,
+                     return_lse=return_lse)
+
+
+def segment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    segment_size: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    global_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """HAT segment-local attention: query i sees the keys of its own segment (fixed
+    ``segment_size`` or ``segment_ids [B, N]``) plus global keys.  See :func:`attention`."""
+    return attention(q, k, v, Segments(segment_size), key_padding_mask=key_padding_mask, global_mask=global_mask,
+                     segment_ids=segment_ids, scale=scale, backend=backend, return_lse=return_lse)

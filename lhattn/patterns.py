@@ -1,0 +1,133 @@
+"""Attention patterns: frozen, validated descriptions of which keys each query sees.
+
+A pattern holds the *static* configuration of an attention layer.  Per-batch
+data (``key_padding_mask``, ``global_mask``, ``segment_ids``) is passed with
+each call, because it changes from batch to batch.
+
+The exact semantics are the contract of every backend (reference, fallback,
+Triton); see ``DESIGN.md`` and the docstrings below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+__all__ = ["SlidingWindow", "LSG", "Segments", "Pattern", "SPARSITY_TYPES"]
+
+SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Banded attention (Longformer), optionally dilated, plus global tokens.
+
+    A non-global, non-padding query ``i`` sees the keys ``i + m * dilation`` for
+    every integer ``m`` in ``[-left, right]`` (both bounds **inclusive**) that
+    are neither padding nor global, plus every global key (counted once).  A
+    global query sees every non-padding key.  Padding queries see nothing.
+
+    window: ``(left, right)``, or one int ``w`` meaning ``(w, w)`` -- or
+        ``(w, 0)`` when ``causal=True``.  HF Longformer's
+        ``attention_window=512`` is ``window=(256, 256)``.
+    dilation: spacing between neighbours (Longformer/NATTEN meaning: the window
+        counts neighbours, so the span is ``dilation`` times wider).
+    causal: shorthand for ``right = 0``; a tuple window with ``right != 0``
+        and ``causal=True`` is rejected.  Global queries still see every key.
+    """
+
+    window: Union[int, Tuple[int, int]]
+    dilation: int = 1
+    causal: bool = False
+
+    def __post_init__(self):
+        w = self.window
+        if isinstance(w, int) and not isinstance(w, bool):
+            _check_int("window", w, 0)
+            w = (w, 0) if self.causal else (w, w)
+        elif isinstance(w, (tuple, list)) and len(w) == 2:
+            _check_int("window[0] (left)", w[0], 0)
+            _check_int("window[1] (right)", w[1], 0)
+            w = (int(w[0]), int(w[1]))
+        else:
+            raise TypeError(f"window must be an int or a (left, right) pair of ints, got {w!r}")
+        if self.causal and w[1] != 0:
+            raise ValueError(f"causal=True needs window right == 0, got window={w}")
+        _check_int("dilation", self.dilation, 1)
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(self.causal).__name__}")
+        object.__setattr__(self, "window", w)
+
+    @property
+    def left(self) -> int:
+        return self.window[0]
+
+    @property
+    def right(self) -> int:
+        return self.window[1]
+
+
+@dataclass(frozen=True)
+class LSG:
+    """Local + sparse + global attention (LSG, Condevaux & Harispe 2022).
+
+    The sequence is cut into blocks of ``block_size``; queries of block ``t``
+    see blocks ``t-1, t, t+1`` (``t-1, t`` when causal), a window of
+    *compressed* keys beyond them (built by ``sparsity_type`` with
+    ``sparsity_factor``, in blocks of ``sparse_block_size``), and the first
+    ``num_global_tokens`` tokens, which are global (they see every key).
+    Sequences with ``n <= 2 * block_size`` use full attention (LSG's rule).
+    """
+
+    block_size: int = 128
+    sparse_block_size: Optional[int] = None
+    sparsity_factor: int = 2
+    sparsity_type: str = "norm"
+    num_global_tokens: int = 1
+    causal: bool = False
+    lsh_num_pre_rounds: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("block_size", self.block_size, 1)
+        if self.sparse_block_size is None:
+            object.__setattr__(self, "sparse_block_size", self.block_size)
+        _check_int("sparse_block_size", self.sparse_block_size, 0)
+        _check_int("sparsity_factor", self.sparsity_factor, 1)
+        _check_int("num_global_tokens", self.num_global_tokens, 0)
+        _check_int("lsh_num_pre_rounds", self.lsh_num_pre_rounds, 0)
+        _check_int("seed", self.seed, 0)
+        if self.sparsity_type not in SPARSITY_TYPES:
+            raise ValueError(f"sparsity_type must be one of {SPARSITY_TYPES}, got {self.sparsity_type!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(self.causal).__name__}")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Segment-local attention plus global tokens (HAT).
+
+    A non-global, non-padding query sees the non-padding, non-global keys of its
+    own segment plus every global key; a global query sees every non-padding
+    key.  Segments are either fixed (``segment_size``: tokens
+    ``[s*S, (s+1)*S)``, the last one possibly shorter) or given per call as
+    ``segment_ids [B, N]`` (contiguous, non-decreasing; any lengths >= 1), in
+    which case ``segment_size`` is None.
+    """
+
+    segment_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.segment_size is not None:
+            _check_int("segment_size", self.segment_size, 1)
+
+
+Pattern = Union[SlidingWindow, LSG, Segments]
