@@ -116,8 +116,10 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float):
         ks = [_select(sources[i][0], kb.index) for i, kb in used]
         vs = [_select(sources[i][1], kb.index) for i, kb in used]
         s = _scores(qb, ks, [kb.mask for _, kb in used], scale, h_kv)  # [B, Hkv, g, Bq, L]
-        m = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
-        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
+        m = s.amax(dim=-1, keepdim=True)
+        m = m.masked_fill_(torch.isinf(m), 0.0)  # rows that see nothing: keep exp() finite
+        p = s.sub_(m).exp_()  # in place: s is not needed any more
+        l = p.sum(dim=-1, keepdim=True)  # [B, Hkv, g, Bq, 1]; 0 for rows that see nothing
         p = p.to(q.dtype)
         o = torch.zeros(b, h_kv, h // h_kv * bq, d, dtype=acc, device=q.device)
         start = 0
@@ -126,6 +128,8 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float):
             pv = p[..., start:stop].reshape(b, h_kv, -1, stop - start)
             o += torch.matmul(pv, vb).to(acc)
             start = stop
+        o = o.view(b, h_kv, h // h_kv, bq, d).div_(l.clamp(min=torch.finfo(acc).tiny))
+        m = m.add_(torch.log(l))  # log-sum-exp; -inf where l == 0
         out[:, :, blk.rows] = o.view(b, h, bq, d).to(q.dtype)
         lse[:, :, blk.rows] = m.reshape(b, h, bq)
     return out, lse
@@ -150,7 +154,7 @@ def _backward(q, sources, plan, scale, out, lse, dout):
         vs = [_select(sources[i][1], kb.index) for i, kb in used]
         s = _scores(qb, ks, [kb.mask for _, kb in used], scale, h_kv)
         lb = lse[:, :, blk.rows].reshape(b, h_kv, g, bq)
-        p = torch.exp(s - torch.where(torch.isinf(lb), 0.0, lb)[..., None])  # [B, Hkv, g, Bq, L]
+        p = s.sub_(torch.where(torch.isinf(lb), 0.0, lb)[..., None]).exp_()  # [B, Hkv, g, Bq, L]
         dob = _group(dout[:, :, blk.rows], h_kv)  # [B, Hkv, g*Bq, D]
         db = delta[:, :, blk.rows].reshape(b, h_kv, g, bq, 1)
         qg = _group(qb, h_kv)
@@ -160,7 +164,7 @@ def _backward(q, sources, plan, scale, out, lse, dout):
             stop = start + kk.shape[2]
             pb = p[..., start:stop]
             dp = torch.matmul(dob, vv.transpose(-1, -2)).to(acc).view(b, h_kv, g, bq, -1)
-            ds = (pb * (dp - db)).mul_(scale).reshape(b, h_kv, g * bq, -1)
+            ds = dp.sub_(db).mul_(pb).mul_(scale).reshape(b, h_kv, g * bq, -1)  # dS = P ∘ (dP − δ)
             pb = pb.reshape(b, h_kv, g * bq, -1)
             _add_rows(dkv[i][1], kb.index, torch.matmul(pb.to(q.dtype).transpose(-1, -2), dob).to(acc))
             _add_rows(dkv[i][0], kb.index, torch.matmul(ds.to(q.dtype).transpose(-1, -2), qg).to(acc))

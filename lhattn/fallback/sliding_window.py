@@ -25,14 +25,24 @@ class _WindowPlan:
     def __init__(self, pattern: SlidingWindow, n: int, local: Optional[Tensor], gidx: Optional[Tensor], device):
         self.p, self.n, self.local, self.gidx, self.device = pattern, n, local, gidx, device
         self.bq = _block_rows(pattern, n)
+        self._bands = {}
+
+    def _band(self, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+        """``[1, 1, Bq, L]`` window mask; interior blocks share one geometry, so it is cached."""
+        key = (qs - ks, qe - qs, ke - ks)
+        if key not in self._bands:
+            d, lo, hi = self.p.dilation, self.p.left * self.p.dilation, self.p.right * self.p.dilation
+            rel = (torch.arange(ke - ks, device=self.device)[None, :]
+                   - torch.arange(qs - ks, qe - ks, device=self.device)[:, None])
+            self._bands[key] = ((rel >= -lo) & (rel <= hi) & (rel % d == 0))[None, None]
+        return self._bands[key]
 
     def blocks(self):
-        d, lo, hi, n = self.p.dilation, self.p.left * self.p.dilation, self.p.right * self.p.dilation, self.n
+        lo, hi, n = self.p.left * self.p.dilation, self.p.right * self.p.dilation, self.n
         for qs in range(0, n, self.bq):
             qe = min(n, qs + self.bq)
             ks, ke = max(0, qs - lo), min(n, qe + hi)
-            rel = torch.arange(ks, ke, device=self.device)[None, :] - torch.arange(qs, qe, device=self.device)[:, None]
-            mask = ((rel >= -lo) & (rel <= hi) & (rel % d == 0))[None, None]  # [1, 1, Bq, L]
+            mask = self._band(qs, qe, ks, ke)
             rows = None
             if self.local is not None:
                 rows = self.local[:, qs:qe]
