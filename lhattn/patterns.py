@@ -11,7 +11,7 @@ Triton); see ``DESIGN.md`` and the docstrings below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
 __all__ = ["SlidingWindow", "LSG", "Segments", "Pattern", "SPARSITY_TYPES"]
 
@@ -79,12 +79,36 @@ class SlidingWindow:
 class LSG:
     """Local + sparse + global attention (LSG, Condevaux & Harispe 2022).
 
-    The sequence is cut into blocks of ``block_size``; queries of block ``t``
-    see blocks ``t-1, t, t+1`` (``t-1, t`` when causal), a window of
-    *compressed* keys beyond them (built by ``sparsity_type`` with
-    ``sparsity_factor``, in blocks of ``sparse_block_size``), and the first
-    ``num_global_tokens`` tokens, which are global (they see every key).
-    Sequences with ``n <= 2 * block_size`` use full attention (LSG's rule).
+    With ``o = 0`` (``global_layout="inline"``) or ``o = num_global_tokens``
+    (``"prepended"``), the tokens ``[o, N)`` are cut into blocks of
+    ``block_size`` (the last one padded and masked).  A non-global query of
+    block ``t`` sees the keys of blocks ``t-1, t, t+1`` (``t-1`` and ``t`` up to
+    itself when causal), ``sparse_block_size`` *compressed* keys on each side
+    beyond them (left side only when causal), and the global keys.  The
+    compressed sequence (``sparsity_factor`` times shorter) is built by
+    ``sparsity_type`` (see :mod:`lhattn.selection`).  The first
+    ``num_global_tokens`` tokens are global: they see every key (every earlier
+    one when causal), every query sees them, and they are masked out of the
+    local and compressed keys.  Sequences with ``N - o <= 2 * block_size`` use
+    full attention (LSG's rule).  Exact semantics: :mod:`lhattn.reference.lsg`.
+
+    block_size: local block length ``b >= 1``.
+    sparse_block_size: compressed keys per side ``sb >= 0`` (None = ``b``;
+        0 = no sparse keys).
+    sparsity_factor: ``f >= 1``, must divide ``b`` when there are sparse keys;
+        ``f = 1`` keeps every key uncompressed.
+    sparsity_type: one of :data:`SPARSITY_TYPES`; ``"none"`` = no sparse keys.
+    num_global_tokens: ``g >= 0``.
+    causal: causal LSG (local and sparse keys to the left only).
+    lsh_num_pre_rounds: extra hashing rounds of ``"lsh"`` (LSG's parameter).
+    seed: seeds the random projections of ``"lsh"`` (drawn afresh, from a
+        generator seeded with ``seed``, on every call: reproducible).
+    global_layout: ``"inline"`` -- the first ``g`` tokens of the sequence are
+        global and sit in block 0 (``LSGSelfAttention`` of
+        ``lsg_converter.attention_layers``, ``g = 1``); ``"prepended"`` -- the
+        first ``g`` tokens were prepended to the sequence and blocks start at
+        token ``g`` (the ``LSG*Model`` classes of ``lsg_converter``, whose
+        embeddings prepend ``num_global_tokens`` learned tokens).
     """
 
     block_size: int = 128
@@ -95,6 +119,9 @@ class LSG:
     causal: bool = False
     lsh_num_pre_rounds: int = 1
     seed: int = 0
+    global_layout: str = "inline"
+
+    LAYOUTS: ClassVar[Tuple[str, ...]] = ("inline", "prepended")
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, 1)
@@ -105,10 +132,33 @@ class LSG:
         _check_int("num_global_tokens", self.num_global_tokens, 0)
         _check_int("lsh_num_pre_rounds", self.lsh_num_pre_rounds, 0)
         _check_int("seed", self.seed, 0)
-        if self.sparsity_type not in SPARSITY_TYPES:
+        if not isinstance(self.sparsity_type, str) or self.sparsity_type not in SPARSITY_TYPES:
             raise ValueError(f"sparsity_type must be one of {SPARSITY_TYPES}, got {self.sparsity_type!r}")
         if not isinstance(self.causal, bool):
             raise TypeError(f"causal must be a bool, got {type(self.causal).__name__}")
+        if not isinstance(self.global_layout, str) or self.global_layout not in self.LAYOUTS:
+            raise ValueError(f"global_layout must be one of {self.LAYOUTS}, got {self.global_layout!r}")
+        if not self.has_sparse_keys:
+            return
+        b, sb, f = self.block_size, self.sparse_block_size, self.sparsity_factor
+        if b % f:
+            raise ValueError(f"sparsity_factor must divide block_size (LSG compresses each block of {b} "
+                             f"tokens to block_size / sparsity_factor keys), got sparsity_factor={f}")
+        if self.sparsity_type in ("norm", "lsh") and sb < b and (b % sb or sb % f):
+            raise ValueError(
+                f"with sparsity_type={self.sparsity_type!r} and sparse_block_size < block_size, "
+                f"sparse_block_size must divide block_size ({b}) and be a multiple of sparsity_factor "
+                f"({f}): keys are selected per chunk of sparse_block_size tokens; got sparse_block_size={sb}")
+
+    @property
+    def has_sparse_keys(self) -> bool:
+        """False for ``sparsity_type="none"`` or ``sparse_block_size=0``."""
+        return self.sparsity_type != "none" and self.sparse_block_size > 0
+
+    @property
+    def block_offset(self) -> int:
+        """``o``: the first token of block 0 (0 inline, ``num_global_tokens`` prepended)."""
+        return self.num_global_tokens if self.global_layout == "prepended" else 0
 
 
 @dataclass(frozen=True)
