@@ -191,15 +191,20 @@ def lsg_attention(
     sparsity_type: str = "norm",
     num_global_tokens: int = 1,
     causal: bool = False,
+    lsh_num_pre_rounds: int = 1,
+    seed: int = 0,
+    global_layout: str = "inline",
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
     """LSG attention (local blocks + compressed sparse keys + first-``g`` global tokens).
-    See :class:`lhattn.patterns.LSG` and :func:`attention`."""
+    The keyword arguments are the fields of :class:`lhattn.patterns.LSG` (exact semantics
+    there and in :mod:`lhattn.reference.lsg`); the rest as in :func:`attention`."""
     pattern = LSG(block_size=block_size, sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
-                  sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, causal=causal)
+                  sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, causal=causal,
+                  lsh_num_pre_rounds=lsh_num_pre_rounds, seed=seed, global_layout=global_layout)
     return attention(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, backend=backend,
                      return_lse=return_lse)
 
