@@ -12,7 +12,12 @@ Per type, for compressed position ``p`` (``0 <= p < T_c``) and kv head ``h``:
 * ``stride``: token ``o + p·f + (h mod f)``.  Valid iff that token is usable.
 * ``block_stride``: block ``β = p // s``, slot ``r = p % s``: token ``o + β·b + ((r + h·s) mod b)``.
 * ``norm``: per chunk of ``c = min(b, sb)`` tokens, the ``c / f`` usable tokens with the largest
-  ``‖k‖`` (unusable ones fill the remaining slots, masked), in ascending order of norm.
+  ``‖k‖`` (unusable ones fill the remaining slots, masked), in ascending order of norm.  Exactly:
+  the score is ``‖k‖²`` summed left to right over ``D`` in fp32 (fp64 for fp64), each product and
+  sum rounded separately; ranks go by score descending, NaN first, ties to the *lower* position
+  (LSG's ``torch.topk`` leaves tie order unspecified), and the kept ones are listed in reverse rank
+  order.  ``impl="ops"`` runs it as one fused op, :func:`lhattn._lsg_ops.lsg_norm_select` (score,
+  top-k and the gather of ``k`` and ``v``; same bits), for ``c <= 1024``.
 * ``bos_pooling``: as ``pooling`` but a weighted sum, with weights ``softmax`` over the group's
   non-padding tokens (global ones included, as in LSG) of ``scale · q[o] · k_j``, per *query*
   head (the compressed keys then have ``H`` heads, not ``H_kv``).  Valid iff the group has a usable
@@ -46,6 +51,7 @@ from .patterns import LSG
 __all__ = ["SparseKV", "select_sparse", "usable_tokens", "compressed_length", "padded_length", "lsh_projections"]
 
 IMPLS = ("ops", "torch")
+_FUSED_MAX_CHUNK = 1024  # lhattn._lsg_ops.MAX_CHUNK (not imported here: the oracle needs no extension)
 
 
 @dataclass
@@ -145,14 +151,34 @@ def _block_stride(k, v, usable, pattern, gather, scatter_add, t_c, **_):
     return SparseKV(gather(k, idx), gather(v, idx), _pick_usable(usable, idx))
 
 
-def _norm(k, v, usable, pattern, gather, scatter_add, t_c, t_pad, **_):
+def _norm_score(k: Tensor) -> Tensor:
+    """``[B, H_kv, T]``: the squared key norm ``Σ_d k[..., d]²``, summed left to right over ``d`` in
+    fp32 (fp64 for fp64) with every product and sum rounded on its own -- the exact bits of the fused
+    op's score, on any device (a reduction kernel's summation order is unspecified)."""
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    kf = k.detach().to(acc)
+    score = torch.zeros(kf.shape[:-1], dtype=acc, device=k.device)
+    for d in range(kf.shape[-1]):
+        x = kf[..., d]
+        score.add_(x * x)  # two roundings: the product, then the sum
+    return score
+
+
+def _norm(k, v, usable, pattern, gather, scatter_add, t_c, t_pad, impl="torch", **_):
     f, t = pattern.sparsity_factor, k.shape[2]
     c = min(pattern.block_size, pattern.sparse_block_size)
+    if impl == "ops" and c <= _FUSED_MAX_CHUNK:  # one fused op: scores + top-k + gather of k and v
+        from . import _lsg_ops
+
+        ks, vs, idx = _lsg_ops.lsg_norm_select(k, v, ~usable, chunk=c, keep=c // f, num_chunks=t_pad // c)
+        return SparseKV(ks, vs, _pick_usable(usable, idx))
     with torch.no_grad():
-        score = torch.linalg.vector_norm(k.detach(), dim=-1)  # [B, H_kv, T]
+        score = _norm_score(k)  # [B, H_kv, T]
         score = torch.where(usable[:, None, :], score, torch.full_like(score, -1.0))  # unusable last
         score = F.pad(score, (0, t_pad - t), value=-1.0).view(*score.shape[:2], t_pad // c, c)
-        top = score.topk(c // f, dim=-1, largest=True, sorted=True).indices.flip(-1)  # ascending norm
+        # The c / f best by (score descending, NaN first, position ascending): a stable sort, as
+        # torch.topk's tie order is unspecified.  Then ascending score, LSG's order.
+        top = score.sort(dim=-1, descending=True, stable=True).indices[..., : c // f].flip(-1)
         idx = top + torch.arange(0, t_pad, c, device=k.device)[:, None]
         idx = _beyond_end(idx.flatten(2), t)  # [B, H_kv, Tc]
     return SparseKV(gather(k, idx), gather(v, idx), _pick_usable(usable, idx))
@@ -266,4 +292,4 @@ def select_sparse(
     scale = d ** -0.5 if scale is None else scale
     fn = _TYPES[pattern.sparsity_type]
     return fn(kx, vx, usable, pattern, gather, scatter_add, t_c=compressed_length(n, pattern),
-              t_pad=padded_length(n, pattern), q0=q[:, :, o], nonpad=nonpad, scale=scale)
+              t_pad=padded_length(n, pattern), q0=q[:, :, o], nonpad=nonpad, scale=scale, impl=impl)
