@@ -90,7 +90,8 @@ def check_segment_ids(segment_ids: Tensor, q: Tensor) -> None:
         raise ValueError(f"segment_ids must have shape [B, N] = {(b, n)}, got {tuple(segment_ids.shape)}")
     if segment_ids.device != q.device:
         raise ValueError(f"segment_ids must be on q's device ({q.device}), got {segment_ids.device}")
-    if n > 1 and bool((segment_ids[:, 1:] < segment_ids[:, :-1]).any()):
+    # A data-dependent check: skipped while torch.compile traces (it would break the graph).
+    if n > 1 and not torch.compiler.is_compiling() and bool((segment_ids[:, 1:] < segment_ids[:, :-1]).any()):
         bad = (segment_ids[:, 1:] < segment_ids[:, :-1]).nonzero()[0].tolist()
         raise ValueError(
             "segment_ids must be non-decreasing along the sequence (contiguous segments), but "
