@@ -1,0 +1,563 @@
+"""Shared online-softmax pieces for every lhattn kernel family.
+
+Everything here is pattern-agnostic: a kernel family (sliding window, segments, LSG)
+decides *which* key blocks a query block visits and *whether* a block needs the
+per-element mask; these helpers do the arithmetic.
+
+Conventions
+-----------
+* Tokens are addressed by *index* ``t`` in a (possibly strided) subsequence and by
+  *position* ``pos = pos_offset + t * pos_step`` in the tensor.  A dilated sliding
+  window is ``d`` plain windows over the residue classes ``t ↦ r + t·d``; plain
+  patterns use ``pos_offset = 0, pos_step = 1``.
+* Visibility inside a block is an *interval per query row*: row ``i`` sees key ``j``
+  iff ``i - before <= j <= i + after`` (inclusive) and ``k_begin <= j < k_end``.  A
+  dense pass uses ``before = after = n_q + n_k`` (always true).
+* Scores are kept in "exp units": with ``USE_EXP2`` the scale passed in is
+  ``scale * log2(e)`` and every exponential is ``exp2`` (one multiply saved per
+  score, as in Triton's tutorial 06); float64 uses ``exp`` and the plain scale so
+  gradcheck sees an exactly consistent function.  ``lse`` is always stored in
+  natural-log units.
+* float64 scales are split into two float32 halves (``hi + lo``): compiled Triton
+  passes Python floats as float32, which would round an fp64 scale.
+* Accumulation dtype: float32, or float64 for float64 inputs.
+* A row that sees no key has ``l == 0``: its output is 0 and its lse ``-inf``.  In the
+  backward its lse is read as ``+inf`` so that ``p = exp(s - lse) = 0`` everywhere.
+
+The jit helpers take already-offset base pointers (batch/head offsets applied in
+int64 by the caller) and the strides of the token and feature axes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "INTERPRET", "LOG2E", "LN2", "acc_dtype", "split_scale", "next_power_of_2",
+    "cast_to", "block_range", "online_softmax_update", "attn_fwd_range", "attn_fwd_list", "attn_fwd_finalize",
+    "attn_bwd_load_rows", "attn_bwd_dq_range", "attn_bwd_dq_list", "attn_bwd_dkdv_heads", "attn_bwd_dkdv_range",
+    "bwd_preprocess", "merge_partials", "sum_partial_rows",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""True when Triton runs in its CPU interpreter (fixed small block sizes, no autotune)."""
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# --------------------------------------------------------------------------------------
+# host-side helpers
+# --------------------------------------------------------------------------------------
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / lse dtype for an input dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_scale(scale: float, dtype: torch.dtype) -> tuple[float, float, bool, bool]:
+    """Kernel scale arguments ``(qk_scale, qk_scale_lo, EXACT_SCALE, USE_EXP2)``.
+
+    Low precision: ``(scale * log2 e, 0, False, True)``.  float64: ``scale`` split
+    into float32-exact ``hi + lo`` so the product ``s*hi + s*lo`` is accurate to
+    ~1e-15 even though Triton passes float arguments as float32.
+    """
+    if dtype == torch.float64:
+        hi = float(torch.tensor(scale, dtype=torch.float32))
+        return hi, float(torch.tensor(scale - hi, dtype=torch.float32)), True, False
+    return scale * math.log2(math.e), 0.0, False, True
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------
+# jit helpers: block ranges and elementwise pieces
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def block_range(start, before, after, k_begin, k_end, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    """Blocks of the *other* axis that rows ``[start, start + BLOCK_SELF)`` may see.
+
+    Row ``i`` sees ``j`` iff ``i - before <= j <= i + after`` and ``k_begin <= j < k_end``.
+    Returns ``(lo, full_lo, full_hi, hi)``: visit ``[lo, full_lo)`` and ``[full_hi, hi)``
+    in steps of ``BLOCK_OTHER`` with the element mask, ``[full_lo, full_hi)`` without
+    it (every row of the block sees every element there, all inside ``[k_begin, k_end)``).
+    Block starts are multiples of ``BLOCK_OTHER``; blocks outside the band are skipped.
+    """
+    lo = tl.maximum(start - before, k_begin) // BLOCK_OTHER * BLOCK_OTHER
+    hi = tl.maximum(tl.minimum(start + BLOCK_SELF + after, k_end), lo)
+    hi_up = tl.cdiv(hi, BLOCK_OTHER) * BLOCK_OTHER
+    # first j seen by the *last* row, last j seen by the *first* row
+    full_lo = tl.cdiv(tl.maximum(start + BLOCK_SELF - 1 - before, k_begin), BLOCK_OTHER) * BLOCK_OTHER
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_up)
+    full_hi = tl.minimum(start + after + 1, k_end) // BLOCK_OTHER * BLOCK_OTHER
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+# Interpreter-only corrections (constexpr False when compiled, so the GPU code is untouched):
+# Triton's CPU interpreter multiplies bf16 operands as raw uint16 and truncates fp32 -> bf16
+# instead of rounding to nearest even as the GPU does.
+_UPCAST_BF16_DOT: tl.constexpr = tl.constexpr(INTERPRET)
+_ROUND_BF16: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even for fp32 -> bf16 everywhere (the GPU's
+    rounding; the interpreter would truncate)."""
+    if _ROUND_BF16:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                b_bits = x.to(tl.uint32, bitcast=True)
+                b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) >> 16 << 16
+                x = b_bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _mm(a, b, acc):
+    """``tl.dot(a, b, acc)`` (``acc`` may be None).  The CPU interpreter multiplies
+    bfloat16 operands as their raw uint16 storage (a Triton interpreter bug), so there
+    -- and only there -- bf16 operands are widened to fp32 first; bf16 products are
+    exact in fp32, so this is the same arithmetic as a GPU's bf16 MMA."""
+    if _UPCAST_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _scale(x, hi, lo, EXACT: tl.constexpr):
+    if EXACT:
+        return x * hi + x * lo
+    else:
+        return x * hi
+
+
+@triton.jit
+def _exp(x, USE_EXP2: tl.constexpr):
+    if USE_EXP2:
+        return tl.math.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _band(o_i, o_j, before, after):
+    """``[R, C]`` bool: row index ``o_i [R]`` sees column index ``o_j [C]``."""
+    return (o_j[None, :] >= o_i[:, None] - before) & (o_j[None, :] <= o_i[:, None] + after)
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2: tl.constexpr):
+    """One online-softmax step: fold scores ``b_s [BM, BN]`` (exp units, masked = -inf)
+    and values ``b_v [BN, D]`` into ``acc [BM, D]``, ``m_i [BM]``, ``l_i [BM]``."""
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing stays finite
+    b_p = _exp(b_s - m_use[:, None], USE_EXP2)  # [BM, BN]
+    alpha = _exp(m_i - m_use, USE_EXP2)  # [BM]
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = _mm(cast_to(b_p, b_v.dtype), b_v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd_range(
+    acc, m_i, l_i, b_q, o_i,
+    p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    j_lo, j_hi, k_begin, k_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """Attend query block ``b_q [BM, D]`` (indices ``o_i [BM]``) to the key indices
+    ``[j_lo, j_hi)``, ``BLOCK_N`` at a time.  Key index ``j`` lives at position
+    ``pos_offset + j * pos_step``.  ``MASKED``: apply the band and ``[k_begin, k_end)``
+    masks (edge blocks); otherwise every key of every visited block is in range and
+    in the band.  ``HAS_KEY_MASK``: ``p_km`` (uint8, position-indexed, nonzero =
+    visible) masks keys on every block.  Returns the updated ``(acc, m_i, l_i)``."""
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)  # [BN]
+        o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
+        if MASKED:
+            m_j = (o_j >= k_begin) & (o_j < k_end)  # [BN]
+            b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_j[:, None], other=0.0)
+            b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_j[:, None], other=0.0)
+        else:
+            b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D]
+            b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])  # [BN, D]
+        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
+        if MASKED:
+            b_s = tl.where(m_j[None, :] & _band(o_i, o_j, before, after), b_s, float("-inf"))
+        if HAS_KEY_MASK:
+            if MASKED:
+                m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
+            else:
+                m_k = tl.load(p_km + o_pos * stride_kmn) != 0
+            b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_list(
+    acc, m_i, l_i, b_q,
+    p_idx, stride_idx, n_idx, p_k, p_v, stride_kn, stride_vn, o_kd, o_vd,
+    qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """Attend ``b_q [BM, D]`` to the keys at the positions listed in ``p_idx[:n_idx]``
+    (int64, negative = empty slot); every row sees every listed key."""
+    for g0 in range(0, n_idx, BLOCK_N):
+        o_g = g0 + tl.arange(0, BLOCK_N)  # [BN]
+        b_idx = tl.load(p_idx + o_g * stride_idx, mask=o_g < n_idx, other=-1)
+        m_g = b_idx >= 0
+        o_pos = tl.where(m_g, b_idx, 0).to(tl.int64)
+        b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_g[:, None], other=0.0)
+        b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_g[:, None], other=0.0)
+        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_s = tl.where(m_g[None, :], b_s, float("-inf"))  # [BM, BN]
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2: tl.constexpr):
+    """``(out [BM, D], lse [BM])`` from the running state; rows with ``m_row`` False
+    or no key seen get ``out = 0`` and ``lse = -inf``.  lse in natural-log units."""
+    m_ok = m_row & (l_i > 0)
+    l_safe = tl.where(m_ok, l_i, 1.0)
+    b_o = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
+    if USE_EXP2:
+        b_lse = (m_i + tl.math.log2(l_safe)) * LN2
+    else:
+        b_lse = m_i + tl.log(l_safe)
+    b_lse = tl.where(m_ok, b_lse, float("-inf"))
+    return b_o, b_lse
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attn_bwd_load_rows(p_lse, p_delta, o_pos, stride_ln, stride_dn, m_rows, MASKED: tl.constexpr,
+                       USE_EXP2: tl.constexpr):
+    """Load ``lse`` (in exp units; ``-inf`` and out-of-range rows become ``+inf`` so that
+    every p of the row is 0) and ``delta = rowsum(dO * O)`` for rows ``o_pos``."""
+    if MASKED:
+        b_lse = tl.load(p_lse + o_pos * stride_ln, mask=m_rows, other=float("inf"))
+        b_delta = tl.load(p_delta + o_pos * stride_dn, mask=m_rows, other=0.0)
+    else:
+        b_lse = tl.load(p_lse + o_pos * stride_ln)
+        b_delta = tl.load(p_delta + o_pos * stride_dn)
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    if USE_EXP2:
+        b_lse = b_lse * LOG2E
+    return b_lse, b_delta
+
+
+@triton.jit
+def attn_bwd_dq_range(
+    b_dq, b_q, b_do, b_lse, b_delta, o_i,
+    p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    j_lo, j_hi, k_begin, k_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """``dq += dS k`` over key indices ``[j_lo, j_hi)`` (same addressing and masks as
+    :func:`attn_fwd_range`); ``dS = P ∘ (dP − delta)``, the softmax scale is applied by
+    the caller once at the end."""
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)
+        o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
+        if MASKED:
+            m_j = (o_j >= k_begin) & (o_j < k_end)
+            b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_j[:, None], other=0.0)
+            b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_j[:, None], other=0.0)
+        else:
+            b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])
+            b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
+        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
+        if MASKED:
+            b_s = tl.where(m_j[None, :] & _band(o_i, o_j, before, after), b_s, float("-inf"))
+        if HAS_KEY_MASK:
+            if MASKED:
+                m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
+            else:
+                m_k = tl.load(p_km + o_pos * stride_kmn) != 0
+            b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
+        b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
+    return b_dq
+
+
+@triton.jit
+def attn_bwd_dq_list(
+    b_dq, b_q, b_do, b_lse, b_delta,
+    p_idx, stride_idx, n_idx, p_k, p_v, stride_kn, stride_vn, o_kd, o_vd,
+    qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """``dq += dS k`` over the listed keys (see :func:`attn_fwd_list`)."""
+    for g0 in range(0, n_idx, BLOCK_N):
+        o_g = g0 + tl.arange(0, BLOCK_N)
+        b_idx = tl.load(p_idx + o_g * stride_idx, mask=o_g < n_idx, other=-1)
+        m_g = b_idx >= 0
+        o_pos = tl.where(m_g, b_idx, 0).to(tl.int64)
+        b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_g[:, None], other=0.0)
+        b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_g[:, None], other=0.0)
+        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_s = tl.where(m_g[None, :], b_s, float("-inf"))
+        b_p = _exp(b_s - b_lse[:, None], USE_EXP2)
+        b_dp = _mm(b_do, tl.trans(b_v), None)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
+    return b_dq
+
+
+@triton.jit
+def attn_bwd_dkdv_heads(
+    b_dk, b_dv, b_k, b_v, o_j,
+    p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh, stride_dh,
+    stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+    i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """``dv += Pᵀ dO`` and ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]``
+    (key indices ``o_j [BN]``) over the query indices ``[i_lo, i_hi)``, ``BLOCK_M`` at a
+    time, summed over the ``n_heads`` query heads ``i_h0, i_h0 + 1, ...`` that share
+    these keys (GQA).  ``p_q, p_do, p_lse, p_delta`` point at head 0 of the batch row;
+    query index ``i`` lives at position ``pos_offset + i * pos_step``.
+    ``MASKED``: apply the band (row ``i`` sees ``j`` iff ``i - before <= j <= i + after``)
+    and ``[r_begin, r_end)``.  Keys the forward did not see must be zeroed by the caller
+    (each key's rows of dk/dv depend on that key's column only).  Works transposed
+    (``[BN, BM]`` tiles) so no transpose of the accumulators is needed.  Heads and row
+    blocks share one flat loop: a nested head loop costs registers (spills at D=128)."""
+    n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
+    for it in range(0, n_blk * n_heads):
+        i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
+        i0 = i_lo + (it // n_heads) * BLOCK_M
+        o_i = i0 + tl.arange(0, BLOCK_M)  # [BM]
+        o_pos = (pos_offset + o_i * pos_step).to(tl.int64)
+        p_qh = p_q + i_h * stride_qh
+        p_doh = p_do + i_h * stride_doh
+        if MASKED:
+            m_i = (o_i >= r_begin) & (o_i < r_end)
+            b_q = tl.load(p_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None], other=0.0)
+            b_do = tl.load(p_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None], other=0.0)
+        else:
+            m_i = o_i >= r_begin  # unused
+            b_q = tl.load(p_qh + o_pos[:, None] * stride_qn + o_qd[None, :])  # [BM, D]
+            b_do = tl.load(p_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
+        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
+                                            stride_dn, m_i, MASKED, USE_EXP2)
+        b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
+        if MASKED:
+            # row i sees j  <=>  j - after <= i <= j + before
+            b_st = tl.where(m_i[None, :] & _band(o_j, o_i, after, before), b_st, float("-inf"))
+        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
+        b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
+        b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
+    return b_dk, b_dv
+
+
+@triton.jit
+def attn_bwd_dkdv_range(
+    b_dk, b_dv, b_k, b_v, o_j,
+    p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+    i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """:func:`attn_bwd_dkdv_heads` for one query head (``p_q, p_do, p_lse, p_delta``
+    already point at it).  Prefer the multi-head form over a loop of heads around this:
+    a nested head loop spills registers at D = 128."""
+    return attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, 0, 1, 0, 0, 0, 0,
+        stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+        i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
+        BLOCK_M, MASKED, EXACT_SCALE, USE_EXP2)
+
+
+# --------------------------------------------------------------------------------------
+# small standalone kernels: delta, split merge, partial sums
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_db, stride_dh, stride_dn,
+    n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d]`` in the accumulation dtype."""
+    i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_rows
+    o_d = tl.arange(0, HEAD_DIM)
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    b_o = tl.load(p_o + o_m[:, None].to(tl.int64) * stride_on + o_d[None, :] * stride_od, mask=m_m[:, None], other=0.0)
+    b_do = tl.load(p_do + o_m[:, None].to(tl.int64) * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None],
+                   other=0.0)
+    p_delta = DELTA + i_b.to(tl.int64) * stride_db + i_h.to(tl.int64) * stride_dh + o_m * stride_dn
+    b_delta = tl.sum(b_o.to(DELTA.dtype.element_ty) * b_do.to(DELTA.dtype.element_ty), 1)
+    tl.store(p_delta, b_delta, mask=m_m)
+
+
+def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(dO ∘ O)``: ``[B, H, N]`` in the accumulation dtype."""
+    b, h, n, d = out.shape
+    delta = torch.empty((b, h, n), dtype=acc_dtype(out.dtype), device=out.device)
+    block_m = 16 if INTERPRET else 64
+    _bwd_preprocess_kernel[(triton.cdiv(n, block_m), h, b)](
+        O=out, DO=dout, DELTA=delta,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2), stride_od=out.stride(3),
+        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_don=dout.stride(2), stride_dod=dout.stride(3),
+        stride_db=delta.stride(0), stride_dh=delta.stride(1), stride_dn=delta.stride(2),
+        n_rows=n, HEAD_DIM=d, BLOCK_M=block_m,
+    )
+    return delta
+
+
+@triton.jit
+def _merge_partials_kernel(
+    OP, LP, O, LSE,
+    stride_ops, stride_opb, stride_oph, stride_opn, stride_opd,
+    stride_lps, stride_lpb, stride_lph, stride_lpn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    n_split, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge ``n_split`` normalised partial results (each over a disjoint key subset)
+    by their log-sum-exp: ``lse = log Σ_s exp(lse_s)``, ``out = Σ_s exp(lse_s − lse) out_s``."""
+    i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_m = o_m < n_rows
+    o_d = tl.arange(0, HEAD_DIM)
+    p_op = OP + i_b.to(tl.int64) * stride_opb + i_h.to(tl.int64) * stride_oph
+    p_lp = LP + i_b.to(tl.int64) * stride_lpb + i_h.to(tl.int64) * stride_lph
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=LP.dtype.element_ty)
+    l_run = tl.zeros([BLOCK_M], dtype=LP.dtype.element_ty)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=OP.dtype.element_ty)
+    for i_s in range(0, n_split):
+        b_l = tl.load(p_lp + i_s * stride_lps + o_m * stride_lpn, mask=m_m, other=float("-inf"))  # [BM]
+        b_o = tl.load(p_op + i_s * stride_ops + o_m[:, None] * stride_opn + o_d[None, :] * stride_opd,
+                      mask=m_m[:, None], other=0.0)  # [BM, D]
+        m_new = tl.maximum(m_run, b_l)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_use)
+        w = tl.exp(b_l - m_use)
+        l_run = l_run * alpha + w
+        acc = acc * alpha[:, None] + b_o * w[:, None]
+        m_run = m_new
+    m_ok = l_run > 0
+    l_safe = tl.where(m_ok, l_run, 1.0)
+    b_o = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
+    b_lse = tl.where(m_ok, m_run + tl.log(l_safe), float("-inf"))
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(p_o + o_m[:, None].to(tl.int64) * stride_on + o_d[None, :] * stride_od,
+             cast_to(b_o, O.dtype.element_ty), mask=m_m[:, None])
+    p_l = LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
+    tl.store(p_l + o_m * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
+
+
+def merge_partials(out_parts: torch.Tensor, lse_parts: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Write into ``out [B, H, M, D]`` and ``lse [B, H, M]`` the log-sum-exp merge of
+    ``out_parts [S, B, H, M, D]`` / ``lse_parts [S, B, H, M]`` (each part normalised
+    over its own keys, ``-inf`` where it saw none)."""
+    s, b, h, m, d = out_parts.shape
+    block_m = 16 if INTERPRET else 64
+    _merge_partials_kernel[(triton.cdiv(m, block_m), h, b)](
+        OP=out_parts, LP=lse_parts, O=out, LSE=lse,
+        stride_ops=out_parts.stride(0), stride_opb=out_parts.stride(1), stride_oph=out_parts.stride(2),
+        stride_opn=out_parts.stride(3), stride_opd=out_parts.stride(4),
+        stride_lps=lse_parts.stride(0), stride_lpb=lse_parts.stride(1), stride_lph=lse_parts.stride(2),
+        stride_lpn=lse_parts.stride(3),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2), stride_od=out.stride(3),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
+        n_split=s, n_rows=m, HEAD_DIM=d, BLOCK_M=block_m,
+    )
+
+
+@triton.jit
+def _sum_partial_rows_kernel(
+    P, DST, IDX,
+    stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_db, stride_dh, stride_dn, stride_dd,
+    stride_ib, stride_im,
+    n_split, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_INDEX: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """``DST[b, h, row(m)] (+)= Σ_s P[s, b, h, m]`` with ``row(m) = IDX[b, m]`` (skipped
+    when negative) or ``m``.  Deterministic: each destination row has one writer."""
+    i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_rows
+    o_d = tl.arange(0, HEAD_DIM)
+    if HAS_INDEX:
+        b_row = tl.load(IDX + i_b.to(tl.int64) * stride_ib + o_m * stride_im, mask=m_m, other=-1)
+        m_m = m_m & (b_row >= 0)
+        o_row = tl.where(m_m, b_row, 0).to(tl.int64)
+    else:
+        o_row = o_m.to(tl.int64)
+    p_p = P + i_b.to(tl.int64) * stride_pb + i_h.to(tl.int64) * stride_ph + o_m[:, None] * stride_pm \
+        + o_d[None, :] * stride_pd
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=P.dtype.element_ty)
+    for i_s in range(0, n_split):
+        acc += tl.load(p_p + i_s * stride_ps, mask=m_m[:, None], other=0.0)
+    p_dst = DST + i_b.to(tl.int64) * stride_db + i_h.to(tl.int64) * stride_dh + o_row[:, None] * stride_dn \
+        + o_d[None, :] * stride_dd
+    if ACCUMULATE:
+        acc += tl.load(p_dst, mask=m_m[:, None], other=0.0).to(acc.dtype)
+    tl.store(p_dst, cast_to(acc, DST.dtype.element_ty), mask=m_m[:, None])
+
+
+def sum_partial_rows(parts: torch.Tensor, dst: torch.Tensor, index: torch.Tensor | None = None,
+                     accumulate: bool = False) -> None:
+    """``dst[b, h, index[b, m]] (+)= parts[:, b, h, m].sum(0)``.
+
+    parts: ``[S, B, H, M, D]`` (accumulation dtype); dst: ``[B, H, N, D]`` (any dtype,
+    any strides); index: ``[B, M]`` int64 of *distinct* rows (negative = skip), or None
+    for ``row = m``.  ``accumulate`` adds to what ``dst`` holds instead of overwriting.
+    """
+    s, b, h, m, d = parts.shape
+    block_m = 16 if INTERPRET else 32
+    idx = index if index is not None else parts.new_empty((1, 1), dtype=torch.int64)
+    _sum_partial_rows_kernel[(triton.cdiv(m, block_m), h, b)](
+        P=parts, DST=dst, IDX=idx,
+        stride_ps=parts.stride(0), stride_pb=parts.stride(1), stride_ph=parts.stride(2), stride_pm=parts.stride(3),
+        stride_pd=parts.stride(4),
+        stride_db=dst.stride(0), stride_dh=dst.stride(1), stride_dn=dst.stride(2), stride_dd=dst.stride(3),
+        stride_ib=idx.stride(0), stride_im=idx.stride(1),
+        n_split=s, n_rows=m, HEAD_DIM=d, BLOCK_M=block_m, HAS_INDEX=index is not None, ACCUMULATE=accumulate,
+    )

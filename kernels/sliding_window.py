@@ -1,0 +1,650 @@
+"""Sliding-window (Longformer) attention: Triton kernels and plain launchers.
+
+One kernel family serves both passes of :class:`lhattn.SlidingWindow`:
+
+* the **band pass** -- every query row ``i`` sees the key rows ``i + m·d``,
+  ``-left <= m <= right`` (inclusive), filtered by ``key_mask``, plus an optional list
+  of extra keys (the global tokens) that every row sees;
+* the **dense pass** (``window=None``) -- every query row sees every key allowed by
+  ``key_mask``; used for the few global rows (gathered beforehand), split over key
+  chunks when there are too few rows to fill the GPU and merged by log-sum-exp.
+
+Dilation ``d`` is handled without masking: the tokens ``r, r+d, r+2d, ...`` of each
+residue ``r`` form an ordinary sliding window of ``(left, right)`` neighbours, so each
+program works on one residue class through strided addressing, and only the
+band-edge blocks are masked, exactly as without dilation.
+
+Launchers (no autograd here):
+
+* :func:`sliding_window_fwd` ``-> (out [B, H, Nq, D], lse [B, H, Nq])``
+* :func:`sliding_window_bwd` ``-> (dq, dk, dv)``
+
+Memory: ``out``, ``lse`` (float32; float64 for float64 inputs) and, in the backward,
+``delta [B, H, Nq]``; split passes add ``[S, B, H, M, D]`` partials only for the
+few rows/keys they split (``M`` = number of global tokens).  Nothing of size
+``N × window``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._core import (INTERPRET, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_list, attn_bwd_dq_range,
+                    attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, block_range,
+                    bwd_preprocess, cast_to, merge_partials, next_power_of_2, split_scale, sum_partial_rows, _scale)
+
+__all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+"""Head dims the kernels compile for (the block's feature axis is exactly ``D``)."""
+
+INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
+"""``(BLOCK_M, BLOCK_N)`` used under ``TRITON_INTERPRET=1`` (no autotuning there).
+For ``dkdv``, BLOCK_N is the key block of a program and BLOCK_M the query rows per step."""
+
+INTERPRET_SPLIT_CHUNK = 40
+"""Under the interpreter, dense passes split keys (rows for the global-key gradient)
+into chunks of this many, so that the split/merge code runs in CPU tests too."""
+
+
+# --------------------------------------------------------------------------------------
+# block-size configurations
+# --------------------------------------------------------------------------------------
+
+
+def _fwd_configs():
+    out = []
+    for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 2), (64, 64, 4, 3),
+                                  (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _dkdv_configs():
+    out = []
+    # (sm_90 ptxas, fp16: no register spills at D=64 for any of these; at D=128 for 128x32/8, 64x32/8, 32x32/4)
+    for bn, bm, warps, stages in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 4, 2),
+                                  (64, 32, 4, 3), (32, 32, 4, 2), (32, 16, 2, 2)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep block sizes whose tiles fit for this head dim / dtype."""
+    args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
+    d = args["HEAD_DIM"]
+    q = args.get("Q")
+    big = q is not None and q.dtype == torch.float64
+    limit = 128 * 64 * 64 // max(d, 16)  # BLOCK_M * BLOCK_N budget: 128x64 at D<=64, 64x64 at 128, 64x32 at 256
+    if big:
+        limit //= 4
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _tuned(configs, key):
+    """Autotune on CUDA; plain kernel (block sizes passed at launch) under the interpreter."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+    return wrap
+
+
+def _meta(kind: str) -> dict:
+    if not INTERPRET:
+        return {}
+    bm, bn = INTERPRET_BLOCKS[kind]
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+def _split(n_programs: int, n_items: int, device: torch.device) -> int:
+    """Chunk length for splitting a serial loop over ``n_items`` (keys of a dense pass,
+    rows of the global-key gradient) when ``n_programs`` alone would leave the GPU idle."""
+    if INTERPRET:
+        return INTERPRET_SPLIT_CHUNK
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = 2 * sms
+    if n_programs >= want or n_items <= 1024:
+        return max(n_items, 1)
+    n_split = min(triton.cdiv(want, n_programs), triton.cdiv(n_items, 512))
+    return triton.cdiv(triton.cdiv(n_items, n_split), 256) * 256
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL"])
+@triton.jit
+def _sw_fwd_kernel(
+    Q, K, V, O, LSE, QM, KM, GIDX,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_on, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_ln,
+    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn,
+    n_q, n_k, n_glob, heads_per_kv, left, right, dilation, chunk, n_split,
+    qk_scale, qk_scale_lo, SPAN,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # program -> (query block i_m, key chunk i_s, residue i_r); heads; batch
+    i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_r = i_blk % dilation
+    i_s = (i_blk // dilation) % n_split
+    i_m = i_blk // (dilation * n_split)
+    n_sq = (n_q - i_r + dilation - 1) // dilation  # query rows of this residue
+    if i_m * BLOCK_M >= n_sq:
+        return
+    n_sk = (n_k - i_r + dilation - 1) // dilation
+    k_begin = i_s * chunk
+    k_end = tl.minimum(n_sk, k_begin + chunk)
+    i_hk = i_h // heads_per_kv
+    ACC = LSE.dtype.element_ty
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_km = KM + i_b.to(tl.int64) * stride_kmb
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] query indices within the residue
+    m_m = o_m < n_sq
+    o_pq = (i_r + o_m * dilation).to(tl.int64)  # [BM] query positions
+    o_d = tl.arange(0, HEAD_DIM)
+    b_q = tl.load(p_q + o_pq[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+
+    lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
+    # left band edge (masked), full blocks (no band mask), right band edge (masked)
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, lo, full_lo, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, full_lo, full_hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    if HAS_GLOBAL:
+        # keys every row sees, at absolute positions (never split: n_split == 1 here)
+        acc, m_i, l_i = attn_fwd_list(
+            acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
+            stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
+            BLOCK_N, EXACT_SCALE, USE_EXP2)
+
+    m_row = m_m
+    if HAS_QMASK:
+        m_row = m_row & (tl.load(QM + i_b.to(tl.int64) * stride_qmb + o_pq * stride_qmn, mask=m_m, other=0) != 0)
+    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2)
+
+    p_o = O + i_s.to(tl.int64) * stride_os + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(p_o + o_pq[:, None] * stride_on + o_d[None, :] * stride_od, cast_to(b_o, O.dtype.element_ty),
+             mask=m_m[:, None])
+    p_l = LSE + i_s.to(tl.int64) * stride_ls + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
+    tl.store(p_l + o_pq * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
+
+
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL"])
+@triton.jit
+def _sw_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dqs, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_kmb, stride_kmn, stride_gb, stride_gn,
+    n_q, n_k, n_glob, heads_per_kv, left, right, dilation, chunk, n_split,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, SPAN,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_r = i_blk % dilation
+    i_s = (i_blk // dilation) % n_split
+    i_m = i_blk // (dilation * n_split)
+    n_sq = (n_q - i_r + dilation - 1) // dilation
+    if i_m * BLOCK_M >= n_sq:
+        return
+    n_sk = (n_k - i_r + dilation - 1) // dilation
+    k_begin = i_s * chunk
+    k_end = tl.minimum(n_sk, k_begin + chunk)
+    i_hk = i_h // heads_per_kv
+    ACC = DELTA.dtype.element_ty
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_km = KM + i_b.to(tl.int64) * stride_kmb
+    p_lse = LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
+    p_delta = DELTA + i_b.to(tl.int64) * stride_deb + i_h.to(tl.int64) * stride_deh
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_sq
+    o_pq = (i_r + o_m * dilation).to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    b_q = tl.load(p_q + o_pq[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
+    b_do = tl.load(p_do + o_pq[:, None] * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None], other=0.0)
+    b_lse, b_delta = attn_bwd_load_rows(p_lse, p_delta, o_pq, stride_ln, stride_den, m_m, True, USE_EXP2)
+
+    b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
+        o_d * stride_kd, o_d * stride_vd, lo, full_lo, k_begin, k_end, i_r, dilation, left, right,
+        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
+        o_d * stride_kd, o_d * stride_vd, full_lo, full_hi, k_begin, k_end, i_r, dilation, left, right,
+        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
+        o_d * stride_kd, o_d * stride_vd, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
+        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    if HAS_GLOBAL:
+        b_dq = attn_bwd_dq_list(
+            b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
+            p_k, p_v, stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
+            BLOCK_N, EXACT_SCALE, USE_EXP2)
+    b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
+
+    p_dq = DQ + i_s.to(tl.int64) * stride_dqs + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    tl.store(p_dq + o_pq[:, None] * stride_dqn + o_d[None, :] * stride_dqd, cast_to(b_dq, DQ.dtype.element_ty),
+             mask=m_m[:, None])
+
+
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN"])
+@triton.jit
+def _sw_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KM,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_kmb, stride_kmn,
+    n_q, n_k, heads_per_kv, left, right, dilation,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, SPAN,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
+    i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_r = i_blk % dilation
+    i_n = i_blk // dilation
+    n_sk = (n_k - i_r + dilation - 1) // dilation
+    if i_n * BLOCK_N >= n_sk:
+        return
+    n_sq = (n_q - i_r + dilation - 1) // dilation
+    ACC = DELTA.dtype.element_ty
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] key indices within the residue
+    m_n = o_n < n_sk
+    o_pk = (i_r + o_n * dilation).to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_k = tl.load(p_k + o_pk[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    b_v = tl.load(p_v + o_pk[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+
+    # rows i that see key j: j - right <= i <= j + left
+    lo, full_lo, full_hi, hi = block_range(i_n * BLOCK_N, right, left, 0, n_sq, BLOCK_N, BLOCK_M)
+    # query heads of this kv head and their row blocks run in one flat loop per segment
+    i_h0 = i_hk * heads_per_kv
+    p_q = Q + i_b.to(tl.int64) * stride_qb
+    p_do = DO + i_b.to(tl.int64) * stride_dob
+    p_lse = LSE + i_b.to(tl.int64) * stride_lb
+    p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        lo, full_lo, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        full_lo, full_hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_M, False, EXACT_SCALE, USE_EXP2)
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        full_hi, hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+
+    m_key = m_n
+    if HAS_KMASK:
+        m_key = m_key & (tl.load(KM + i_b.to(tl.int64) * stride_kmb + o_pk * stride_kmn, mask=m_n, other=0) != 0)
+    b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
+    b_dv = tl.where(m_key[:, None], b_dv, 0.0)
+    p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    tl.store(p_dk + o_pk[:, None] * stride_dkn + o_d[None, :] * stride_dkd, cast_to(b_dk, DK.dtype.element_ty),
+             mask=m_n[:, None])
+    tl.store(p_dv + o_pk[:, None] * stride_dvn + o_d[None, :] * stride_dvd, cast_to(b_dv, DV.dtype.element_ty),
+             mask=m_n[:, None])
+
+
+@_tuned(_dkdv_configs(), key=["HEAD_DIM"])
+@triton.jit
+def _sw_bwd_dkdv_global_kernel(
+    Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_ps, stride_pb, stride_ph, stride_pg, stride_pd,
+    stride_gb, stride_gn,
+    n_q, n_glob, heads_per_kv, chunk, n_split,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # one program = BLOCK_N listed (global) keys x one chunk of query rows; partial sums out
+    i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s = i_blk % n_split
+    i_n = i_blk // n_split
+    ACC = DELTA.dtype.element_ty
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] slots of the key list
+    b_idx = tl.load(GIDX + i_b.to(tl.int64) * stride_gb + o_n * stride_gn, mask=o_n < n_glob, other=-1)
+    m_key = b_idx >= 0
+    o_pk = tl.where(m_key, b_idx, 0).to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_k = tl.load(p_k + o_pk[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_key[:, None], other=0.0)
+    b_v = tl.load(p_v + o_pk[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_key[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+
+    r_begin = i_s * chunk
+    r_end = tl.minimum(n_q, r_begin + chunk)
+    r_full = r_begin + (r_end - r_begin) // BLOCK_M * BLOCK_M
+    everything = n_q + 1  # band wide enough to hold every row
+    i_h0 = i_hk * heads_per_kv
+    p_q = Q + i_b.to(tl.int64) * stride_qb
+    p_do = DO + i_b.to(tl.int64) * stride_dob
+    p_lse = LSE + i_b.to(tl.int64) * stride_lb
+    p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        r_begin, r_full, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
+        BLOCK_M, False, EXACT_SCALE, USE_EXP2)
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        r_full, r_end, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+
+    b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
+    b_dv = tl.where(m_key[:, None], b_dv, 0.0)
+    m_n = o_n < n_glob
+    p_off = i_s.to(tl.int64) * stride_ps + i_b.to(tl.int64) * stride_pb + i_hk.to(tl.int64) * stride_ph \
+        + o_n[:, None] * stride_pg + o_d[None, :] * stride_pd
+    tl.store(DKP + p_off, b_dk, mask=m_n[:, None])
+    tl.store(DVP + p_off, b_dv, mask=m_n[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, dilation: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, H, Nq, D] and k, v [B, H_kv, Nk, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, h, nq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] != 0:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (need same B and D, H % H_kv == 0)")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS} for the Triton kernels, got {d}")
+    if window is not None and nq != k.shape[2]:
+        raise ValueError(f"a sliding window needs as many queries as keys, got Nq={nq}, Nk={k.shape[2]}")
+    if window is not None and (len(window) != 2 or min(window) < 0):
+        raise ValueError(f"window must be (left, right) with both >= 0, got {window}")
+    if window is None and dilation != 1:
+        raise ValueError(f"dilation needs a window; got window=None with dilation={dilation}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+
+
+def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """A ``[B, N]`` bool mask as a uint8 view (no copy) with its strides, or a dummy."""
+    if mask is None:
+        return like.new_zeros((1,), dtype=torch.uint8), 0, 0
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1)
+
+
+def _bands(window, nq: int, nk: int) -> Tuple[int, int, int]:
+    """``(left, right, SPAN)`` in kernel units: clamped window, or 'everything' for dense."""
+    if window is None:
+        return nq + nk, nq + nk, 0
+    left, right = (min(int(w), nk) for w in window)
+    return left, right, min(next_power_of_2(left + right + 1), 4096)
+
+
+def sliding_window_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: Optional[Tuple[int, int]],
+    dilation: int = 1,
+    scale: Optional[float] = None,
+    query_mask: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None,
+    global_keys: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Banded (or dense) attention forward.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k, v: ``[B, H_kv, Nk, D]`` (``H % H_kv == 0``); any strides.
+        window: ``(left, right)``: query ``i`` sees keys ``i + m·dilation`` for
+            ``-left <= m <= right`` (inclusive; needs ``Nq == Nk``); None: every key (dense).
+        query_mask: ``[B, Nq]`` bool, False rows get ``out = 0``, ``lse = -inf``.
+        key_mask: ``[B, Nk]`` bool, False keys are not seen by the window/dense part.
+        global_keys: ``[B, G]`` int64 positions into k/v (negative = empty slot) that every
+            query row also sees; must be distinct and disjoint from ``key_mask``-visible
+            keys inside the window (else they count twice).  Window mode only.
+        scale: softmax scale (default ``D ** -0.5``).
+
+    Returns:
+        ``out [B, H, Nq, D]`` (q's dtype, contiguous) and ``lse [B, H, Nq]`` (float32;
+        float64 for float64 inputs; ``-inf`` where a row sees no key).
+    """
+    _check(q, k, v, window, dilation)
+    b, h, nq, d = q.shape
+    h_kv, nk = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else float(scale)
+    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
+    left, right, span = _bands(window, nq, nk)
+    acc = acc_dtype(q.dtype)
+    qm, s_qmb, s_qmn = _mask_arg(query_mask, q)
+    km, s_kmb, s_kmn = _mask_arg(key_mask, q)
+    has_global = global_keys is not None and global_keys.shape[1] > 0
+    gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+
+    out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, nq), dtype=acc, device=q.device)
+    chunk = nk
+    if window is None and not has_global:
+        chunk = _split(b * h * triton.cdiv(nq, 64), nk, q.device)
+    n_split = triton.cdiv(nk, chunk)
+    if n_split > 1:
+        o_dst = torch.empty((n_split, b, h, nq, d), dtype=acc, device=q.device)
+        l_dst = torch.empty((n_split, b, h, nq), dtype=acc, device=q.device)
+    else:
+        o_dst, l_dst = out.unsqueeze(0), lse.unsqueeze(0)
+
+    def grid(meta):
+        return (triton.cdiv(triton.cdiv(nq, dilation), meta["BLOCK_M"]) * dilation * n_split, h, b)
+
+    _sw_fwd_kernel[grid](
+        Q=q, K=k, V=v, O=o_dst, LSE=l_dst, QM=qm, KM=km, GIDX=gidx,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
+        stride_os=o_dst.stride(0), stride_ob=o_dst.stride(1), stride_oh=o_dst.stride(2),
+        stride_on=o_dst.stride(3), stride_od=o_dst.stride(4),
+        stride_ls=l_dst.stride(0), stride_lb=l_dst.stride(1), stride_lh=l_dst.stride(2), stride_ln=l_dst.stride(3),
+        stride_qmb=s_qmb, stride_qmn=s_qmn, stride_kmb=s_kmb, stride_kmn=s_kmn,
+        stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
+        n_q=nq, n_k=nk, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
+        left=left, right=right, dilation=dilation, chunk=chunk, n_split=n_split,
+        qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, SPAN=span,
+        HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global,
+        EXACT_SCALE=exact, USE_EXP2=use_exp2, **_meta("fwd"),
+    )
+    if n_split > 1:
+        merge_partials(o_dst, l_dst, out, lse)
+    return out, lse
+
+
+def sliding_window_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    window: Optional[Tuple[int, int]],
+    dilation: int = 1,
+    scale: Optional[float] = None,
+    key_mask: Optional[torch.Tensor] = None,
+    global_keys: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`sliding_window_fwd` (same arguments; ``query_mask`` is not
+    needed: masked rows carry ``lse = -inf`` and get zero gradients).
+
+    Returns ``dq [B, H, Nq, D]``, ``dk, dv [B, H_kv, Nk, D]`` in the input dtype
+    (contiguous); dk/dv are summed over the query heads of each kv head (GQA).
+    """
+    _check(q, k, v, window, dilation)
+    b, h, nq, d = q.shape
+    h_kv, nk = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else float(scale)
+    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
+    # dS -> dq/dk use the plain scale (split into float32 halves for float64, like qk_scale)
+    sm_scale, sm_scale_lo = (qk_scale, qk_scale_lo) if exact else (scale, 0.0)
+    left, right, span = _bands(window, nq, nk)
+    acc = acc_dtype(q.dtype)
+    km, s_kmb, s_kmn = _mask_arg(key_mask, q)
+    has_global = global_keys is not None and global_keys.shape[1] > 0
+    gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+
+    delta = bwd_preprocess(out, dout)  # [B, H, Nq]
+
+    # dq: one program per query block (dense passes split over key chunks, partials summed)
+    dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    chunk = nk
+    if window is None and not has_global:
+        chunk = _split(b * h * triton.cdiv(nq, 64), nk, q.device)
+    n_split = triton.cdiv(nk, chunk)
+    dq_dst = torch.empty((n_split, b, h, nq, d), dtype=acc, device=q.device) if n_split > 1 else dq.unsqueeze(0)
+
+    def grid_dq(meta):
+        return (triton.cdiv(triton.cdiv(nq, dilation), meta["BLOCK_M"]) * dilation * n_split, h, b)
+
+    common = dict(
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
+        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_don=dout.stride(2), stride_dod=dout.stride(3),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
+        stride_deb=delta.stride(0), stride_deh=delta.stride(1), stride_den=delta.stride(2),
+        qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, sm_scale=sm_scale, sm_scale_lo=sm_scale_lo,
+        HEAD_DIM=d, EXACT_SCALE=exact, USE_EXP2=use_exp2,
+    )
+    _sw_bwd_dq_kernel[grid_dq](
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq_dst, KM=km, GIDX=gidx,
+        stride_dqs=dq_dst.stride(0), stride_dqb=dq_dst.stride(1), stride_dqh=dq_dst.stride(2),
+        stride_dqn=dq_dst.stride(3), stride_dqd=dq_dst.stride(4),
+        stride_kmb=s_kmb, stride_kmn=s_kmn, stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
+        n_q=nq, n_k=nk, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
+        left=left, right=right, dilation=dilation, chunk=chunk, n_split=n_split, SPAN=span,
+        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **common, **_meta("dq"),
+    )
+    if n_split > 1:
+        sum_partial_rows(dq_dst, dq)
+
+    # dk, dv: one program per key block and kv head (band / dense part)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+    def grid_kv(meta):
+        return (triton.cdiv(triton.cdiv(nk, dilation), meta["BLOCK_N"]) * dilation, h_kv, b)
+
+    _sw_bwd_dkdv_kernel[grid_kv](
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, KM=km,
+        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
+        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
+        stride_kmb=s_kmb, stride_kmn=s_kmn,
+        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, left=left, right=right, dilation=dilation, SPAN=span,
+        HAS_KMASK=key_mask is not None, **common, **_meta("dkdv"),
+    )
+
+    if has_global:  # the listed keys are seen by every query row
+        add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common)
+    return dq, dk, dv
+
+
+def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         lse: torch.Tensor, delta: torch.Tensor, global_keys: torch.Tensor,
+                         dk: torch.Tensor, dv: torch.Tensor, common: dict) -> None:
+    """``dk[b, :, g] +=`` / ``dv[b, :, g] +=`` the gradient of the listed keys
+    ``global_keys [B, G]`` (int64, distinct, negative = empty slot), which every query row
+    sees (rows with ``lse = -inf`` contribute nothing).  ``common``: the stride / scale
+    keywords of the backward kernels (q, k, v, dout, lse, delta strides; qk/sm scales;
+    HEAD_DIM, EXACT_SCALE, USE_EXP2), as built by :func:`sliding_window_bwd`.  Rows are
+    split into chunks when there are too few programs; partials are summed deterministically.
+    Shared by every family with global tokens (sliding window, segments)."""
+    b, h, nq, d = q.shape
+    h_kv = k.shape[1]
+    n_glob = global_keys.shape[1]
+    block_n = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 64
+    chunk_r = _split(b * h_kv * triton.cdiv(n_glob, block_n), nq, q.device)
+    n_split_r = triton.cdiv(nq, chunk_r)
+    dk_parts = torch.empty((n_split_r, b, h_kv, n_glob, d), dtype=acc_dtype(q.dtype), device=q.device)
+    dv_parts = torch.empty_like(dk_parts)
+
+    def grid_g(meta):
+        return (triton.cdiv(n_glob, meta["BLOCK_N"]) * n_split_r, h_kv, b)
+
+    _sw_bwd_dkdv_global_kernel[grid_g](
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DKP=dk_parts, DVP=dv_parts, GIDX=global_keys,
+        stride_ps=dk_parts.stride(0), stride_pb=dk_parts.stride(1), stride_ph=dk_parts.stride(2),
+        stride_pg=dk_parts.stride(3), stride_pd=dk_parts.stride(4),
+        stride_gb=global_keys.stride(0), stride_gn=global_keys.stride(1),
+        n_q=nq, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk_r, n_split=n_split_r,
+        **common, **_meta("dkdv"),
+    )
+    sum_partial_rows(dk_parts, dk, global_keys, accumulate=True)
+    sum_partial_rows(dv_parts, dv, global_keys, accumulate=True)

@@ -1,0 +1,178 @@
+"""Segment-local + global attention (HAT) on the Triton kernels, differentiable and traceable.
+
+Two ``torch.library`` custom ops wrap the launchers of :mod:`lhattn.kernels.segment`:
+
+* ``lhattn::segment_attn_fwd(q, k, v, query_mask, key_mask, global_keys, seg_start, seg_end,
+  segment_size, scale) -> (out, lse)`` -- ``segment_size >= 1`` for fixed segments, else
+  ``seg_start``/``seg_end`` (``[B, N]``, :func:`lhattn._index.segment_bounds`) give them;
+* ``lhattn::segment_attn_bwd(dout, q, k, v, out, lse, key_mask, global_keys, seg_start,
+  seg_end, segment_size, scale) -> (dq, dk, dv)``;
+
+each with a fake (meta) implementation, and the forward with ``register_autograd``, so
+``torch.compile(fullgraph=True)`` traces a model calling them (forward and backward).
+
+:func:`segment_attention` composes them like the fallback (``lhattn/fallback/segment.py``)
+and the sliding-window family: a segment pass for the local rows, in which the global
+tokens are an extra key list; then the global rows, gathered with
+``torch.ops.lhattn.gather_rows``, attend to every valid key in the dense pass of the
+sliding-window op and are scattered back with ``scatter_add_rows``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._index import global_indices, segment_bounds, visible_tokens
+from ..kernels._core import acc_dtype
+from ..kernels.segment import HEAD_DIMS, segment_bwd, segment_fwd
+from ..patterns import Segments
+from . import sliding_window as _sliding_window  # noqa: F401  (registers lhattn::sliding_window_attn_fwd)
+
+__all__ = ["segment_attention", "segment_unsupported_reason", "impl", "reason"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def segment_unsupported_reason(q: Tensor, pattern: Segments) -> Optional[str]:
+    """None if the Triton segment kernels can run on ``q``, else a sentence why not."""
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        return (f"the Triton segment kernels support head dims {HEAD_DIMS}, got D={d}; "
+                "use backend='fallback' for other head dims")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.dtype == torch.float64 and not interpret:
+        return ("float64 runs on the Triton kernels only under TRITON_INTERPRET=1 (for gradcheck); "
+                "use backend='fallback' for float64 on CUDA")
+    if q.dtype not in _DTYPES + (torch.float64,):
+        return f"the Triton kernels support float16, bfloat16, float32 (float64 interpreted), got {q.dtype}"
+    if q.shape[2] >= 2 ** 31:
+        return f"sequence length {q.shape[2]} is too long for 32-bit token indices"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+
+
+def _segments(segment_size: int, seg_start: Optional[Tensor], seg_end: Optional[Tensor]) -> dict:
+    if segment_size >= 1:
+        return dict(segment_size=segment_size)
+    return dict(segment_bounds=(seg_start, seg_end))
+
+
+@torch.library.custom_op("lhattn::segment_attn_fwd", mutates_args=())
+def _attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    query_mask: Optional[Tensor], key_mask: Optional[Tensor], global_keys: Optional[Tensor],
+    seg_start: Optional[Tensor], seg_end: Optional[Tensor], segment_size: int, scale: float,
+) -> Tuple[Tensor, Tensor]:
+    return segment_fwd(q, k, v, scale=scale, query_mask=query_mask, key_mask=key_mask, global_keys=global_keys,
+                       **_segments(segment_size, seg_start, seg_end))
+
+
+@_attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, query_mask, key_mask, global_keys, seg_start, seg_end, segment_size, scale):
+    b, h, n, d = q.shape
+    return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("lhattn::segment_attn_bwd", mutates_args=())
+def _attn_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    key_mask: Optional[Tensor], global_keys: Optional[Tensor],
+    seg_start: Optional[Tensor], seg_end: Optional[Tensor], segment_size: int, scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return segment_bwd(dout, q, k, v, out, lse, scale=scale, key_mask=key_mask, global_keys=global_keys,
+                       **_segments(segment_size, seg_start, seg_end))
+
+
+@_attn_bwd.register_fake
+def _attn_bwd_fake(dout, q, k, v, out, lse, key_mask, global_keys, seg_start, seg_end, segment_size, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _query_mask, key_mask, global_keys, seg_start, seg_end, segment_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, global_keys, seg_start, seg_end)
+    ctx.args = (segment_size, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_mask, global_keys, seg_start, seg_end = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.lhattn.segment_attn_bwd(dout, q, k, v, out, lse, key_mask, global_keys, seg_start,
+                                                   seg_end, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# the pattern
+# --------------------------------------------------------------------------------------
+
+
+def _attend_global_rows(out: Tensor, lse: Tensor, gidx: Tensor, valid: Optional[Tensor], q: Tensor, k: Tensor,
+                        v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Fill the rows ``gidx`` of ``(out, lse)`` -- 0 / -inf after the local pass -- with
+    full attention of those rows over every valid key (the sliding-window family's dense op)."""
+    from .. import _ops  # lazily: needs the compiled lhattn._C, which the local pass does not
+
+    n = q.shape[2]
+    index = gidx[:, None, :]  # [B, 1, G], the same rows for every head
+    q_rows = _ops.gather_rows(q, index)  # [B, H, G, D]
+    out_g, lse_g = torch.ops.lhattn.sliding_window_attn_fwd(q_rows, k, v, gidx >= 0, valid, None, -1, -1, 1, scale)
+    out = out + _ops.scatter_add_rows(out_g, index, n)
+    # lse: write the global rows; the -1 slots go to a spare column that is dropped
+    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
+    spare = torch.cat([lse, lse.new_full(lse.shape[:2] + (1,), float("-inf"))], dim=2)
+    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
+    return out, spare[:, :, :n]
+
+
+def segment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Segments,
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    global_mask: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Same contract as :func:`lhattn.reference.segment_attention`: returns
+    ``(out [B, H, N, D], lse [B, H, N])``; differentiable in q, k, v.
+
+    Exactly one of ``pattern.segment_size`` and ``segment_ids [B, N]`` (non-decreasing)
+    defines the segments (checked by :func:`lhattn.attention`)."""
+    d = q.shape[3]
+    scale = d ** -0.5 if scale is None else float(scale)
+    valid, glob, local = visible_tokens(key_padding_mask, global_mask)
+    gidx = global_indices(glob)  # [B, G] or None
+    if segment_ids is None:
+        seg_start = seg_end = None
+        size = pattern.segment_size
+    else:
+        seg_start, seg_end = segment_bounds(segment_ids)  # [B, N] each, O(B·N)
+        size = 0
+    # local rows: their segment's local keys (non-padding, non-global) + every global key
+    out, lse = torch.ops.lhattn.segment_attn_fwd(q, k, v, local, local, gidx, seg_start, seg_end, size, scale)
+    if gidx is None:
+        return out, lse
+    # global rows (left at 0 / -inf above): every valid key
+    return _attend_global_rows(out, lse, gidx, valid, q, k, v, scale)
+
+
+impl = segment_attention
+"""Dispatch entry point: ``register_triton_backend(Segments, segment.impl, segment.reason)``."""
+reason = segment_unsupported_reason

@@ -1,0 +1,157 @@
+"""Sliding-window + global attention on the Triton kernels, differentiable and traceable.
+
+Two ``torch.library`` custom ops wrap the launchers of :mod:`lhattn.kernels.sliding_window`:
+
+* ``lhattn::sliding_window_attn_fwd(q, k, v, query_mask, key_mask, global_keys, left, right,
+  dilation, scale) -> (out, lse)`` -- ``left < 0`` means dense (every key);
+* ``lhattn::sliding_window_attn_bwd(dout, q, k, v, out, lse, key_mask, global_keys, left,
+  right, dilation, scale) -> (dq, dk, dv)``;
+
+each with a fake (meta) implementation, and the forward with ``register_autograd``, so
+``torch.compile(fullgraph=True)`` traces a model calling them (forward and backward).
+
+:func:`sliding_window_attention` composes them exactly like the fallback does
+(``lhattn/fallback/_globals.py``): a band pass for the local rows, in which the global
+tokens are an extra key list; then the global rows, gathered with
+``torch.ops.lhattn.gather_rows``, attend to every valid key (through ``global_qkv`` when
+given) in a dense pass, and are scattered back with ``scatter_add_rows``.  Gradients of
+the gather/scatter come from those ops' own autograd formulas.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .._index import global_indices, visible_tokens
+from ..kernels._core import acc_dtype
+from ..kernels.sliding_window import HEAD_DIMS, sliding_window_bwd, sliding_window_fwd
+from ..patterns import SlidingWindow
+
+__all__ = ["sliding_window_attention", "triton_unsupported_reason"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_unsupported_reason(q: Tensor, pattern: SlidingWindow) -> Optional[str]:
+    """None if the Triton sliding-window kernels can run on ``q``, else a sentence why not."""
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        return (f"the Triton sliding-window kernels support head dims {HEAD_DIMS}, got D={d}; "
+                "use backend='fallback' for other head dims")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.dtype == torch.float64 and not interpret:
+        return ("float64 runs on the Triton kernels only under TRITON_INTERPRET=1 (for gradcheck); "
+                "use backend='fallback' for float64 on CUDA")
+    if q.dtype not in _DTYPES + (torch.float64,):
+        return f"the Triton kernels support float16, bfloat16, float32 (float64 interpreted), got {q.dtype}"
+    if q.shape[2] >= 2 ** 31 // max(pattern.dilation, 1):
+        return f"sequence length {q.shape[2]} is too long for 32-bit token indices"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+
+
+def _window(left: int, right: int):
+    return None if left < 0 else (left, right)
+
+
+@torch.library.custom_op("lhattn::sliding_window_attn_fwd", mutates_args=())
+def _attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    query_mask: Optional[Tensor], key_mask: Optional[Tensor], global_keys: Optional[Tensor],
+    left: int, right: int, dilation: int, scale: float,
+) -> Tuple[Tensor, Tensor]:
+    return sliding_window_fwd(q, k, v, window=_window(left, right), dilation=dilation, scale=scale,
+                              query_mask=query_mask, key_mask=key_mask, global_keys=global_keys)
+
+
+@_attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, query_mask, key_mask, global_keys, left, right, dilation, scale):
+    b, h, n, d = q.shape
+    return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("lhattn::sliding_window_attn_bwd", mutates_args=())
+def _attn_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    key_mask: Optional[Tensor], global_keys: Optional[Tensor],
+    left: int, right: int, dilation: int, scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return sliding_window_bwd(dout, q, k, v, out, lse, window=_window(left, right), dilation=dilation,
+                              scale=scale, key_mask=key_mask, global_keys=global_keys)
+
+
+@_attn_bwd.register_fake
+def _attn_bwd_fake(dout, q, k, v, out, lse, key_mask, global_keys, left, right, dilation, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _query_mask, key_mask, global_keys, left, right, dilation, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, global_keys)
+    ctx.args = (left, right, dilation, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_mask, global_keys = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.lhattn.sliding_window_attn_bwd(dout, q, k, v, out, lse, key_mask, global_keys,
+                                                          *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# the pattern
+# --------------------------------------------------------------------------------------
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: SlidingWindow,
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    global_mask: Optional[Tensor] = None,
+    global_qkv: Optional[Sequence[Tensor]] = None,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Same contract as :func:`lhattn.reference.sliding_window_attention`: returns
+    ``(out [B, H, N, D], lse [B, H, N])``; differentiable in q, k, v and ``global_qkv``."""
+    b, _, n, d = q.shape
+    scale = d ** -0.5 if scale is None else float(scale)
+    valid, glob, local = visible_tokens(key_padding_mask, global_mask)
+    gidx = global_indices(glob)  # [B, G] or None
+    left, right = min(pattern.left, n), min(pattern.right, n)
+    # local rows: band over local keys (non-padding, non-global) + every global key
+    out, lse = torch.ops.lhattn.sliding_window_attn_fwd(q, k, v, local, local, gidx, left, right,
+                                                        pattern.dilation, scale)
+    if gidx is None:
+        return out, lse
+    from .. import _ops
+
+    # global rows (left at 0 / -inf above): every valid key, through the global projections
+    qg, kg, vg = global_qkv if global_qkv is not None else (q, k, v)
+    index = gidx[:, None, :]  # [B, 1, G], the same rows for every head
+    q_rows = _ops.gather_rows(qg, index)  # [B, H, G, D]
+    out_g, lse_g = torch.ops.lhattn.sliding_window_attn_fwd(q_rows, kg, vg, gidx >= 0, valid, None, -1, -1, 1,
+                                                            scale)
+    out = out + _ops.scatter_add_rows(out_g, index, n)
+    # lse: write the global rows; the -1 slots go to a spare column that is dropped
+    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
+    spare = torch.cat([lse, lse.new_full(lse.shape[:2] + (1,), float("-inf"))], dim=2)
+    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
+    return out, spare[:, :, :n]
