@@ -38,11 +38,14 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "INTERPRET", "LOG2E", "LN2", "acc_dtype", "split_scale", "next_power_of_2",
+    "HEAD_DIMS", "INTERPRET", "LOG2E", "LN2", "acc_dtype", "split_scale", "next_power_of_2",
     "cast_to", "block_range", "online_softmax_update", "attn_fwd_range", "attn_fwd_list", "attn_fwd_finalize",
     "attn_bwd_load_rows", "attn_bwd_dq_range", "attn_bwd_dq_list", "attn_bwd_dkdv_heads", "attn_bwd_dkdv_range",
     "bwd_preprocess", "merge_partials", "sum_partial_rows",
 ]
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+"""Head dims every kernel family compiles for (a block's feature axis is exactly ``D``)."""
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """True when Triton runs in its CPU interpreter (fixed small block sizes, no autotune)."""

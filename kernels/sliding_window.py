@@ -33,14 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._core import (INTERPRET, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_list, attn_bwd_dq_range,
+from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_list, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, block_range,
                     bwd_preprocess, cast_to, merge_partials, next_power_of_2, split_scale, sum_partial_rows, _scale)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
-"""Head dims the kernels compile for (the block's feature axis is exactly ``D``)."""
 
 INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
 """``(BLOCK_M, BLOCK_N)`` used under ``TRITON_INTERPRET=1`` (no autotuning there).

@@ -20,7 +20,6 @@ sliding-window op and are scattered back with ``scatter_add_rows``.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -28,30 +27,17 @@ from torch import Tensor
 
 from .._index import global_indices, segment_bounds, visible_tokens
 from ..kernels._core import acc_dtype
-from ..kernels.segment import HEAD_DIMS, segment_bwd, segment_fwd
+from ._common import kernel_unsupported_reason
+from ..kernels.segment import segment_bwd, segment_fwd
 from ..patterns import Segments
 from . import sliding_window as _sliding_window  # noqa: F401  (registers lhattn::sliding_window_attn_fwd)
 
 __all__ = ["segment_attention", "segment_unsupported_reason", "impl", "reason"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def segment_unsupported_reason(q: Tensor, pattern: Segments) -> Optional[str]:
     """None if the Triton segment kernels can run on ``q``, else a sentence why not."""
-    d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        return (f"the Triton segment kernels support head dims {HEAD_DIMS}, got D={d}; "
-                "use backend='fallback' for other head dims")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if q.dtype == torch.float64 and not interpret:
-        return ("float64 runs on the Triton kernels only under TRITON_INTERPRET=1 (for gradcheck); "
-                "use backend='fallback' for float64 on CUDA")
-    if q.dtype not in _DTYPES + (torch.float64,):
-        return f"the Triton kernels support float16, bfloat16, float32 (float64 interpreted), got {q.dtype}"
-    if q.shape[2] >= 2 ** 31:
-        return f"sequence length {q.shape[2]} is too long for 32-bit token indices"
-    return None
+    return kernel_unsupported_reason(q, "segment", max_tokens=2 ** 31)
 
 
 # --------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ the gather/scatter come from those ops' own autograd formulas.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -28,29 +27,16 @@ from torch import Tensor
 
 from .._index import global_indices, visible_tokens
 from ..kernels._core import acc_dtype
-from ..kernels.sliding_window import HEAD_DIMS, sliding_window_bwd, sliding_window_fwd
+from ._common import kernel_unsupported_reason
+from ..kernels.sliding_window import sliding_window_bwd, sliding_window_fwd
 from ..patterns import SlidingWindow
 
 __all__ = ["sliding_window_attention", "triton_unsupported_reason"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def triton_unsupported_reason(q: Tensor, pattern: SlidingWindow) -> Optional[str]:
     """None if the Triton sliding-window kernels can run on ``q``, else a sentence why not."""
-    d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        return (f"the Triton sliding-window kernels support head dims {HEAD_DIMS}, got D={d}; "
-                "use backend='fallback' for other head dims")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if q.dtype == torch.float64 and not interpret:
-        return ("float64 runs on the Triton kernels only under TRITON_INTERPRET=1 (for gradcheck); "
-                "use backend='fallback' for float64 on CUDA")
-    if q.dtype not in _DTYPES + (torch.float64,):
-        return f"the Triton kernels support float16, bfloat16, float32 (float64 interpreted), got {q.dtype}"
-    if q.shape[2] >= 2 ** 31 // max(pattern.dilation, 1):
-        return f"sequence length {q.shape[2]} is too long for 32-bit token indices"
-    return None
+    return kernel_unsupported_reason(q, "sliding-window", max_tokens=2 ** 31 // max(pattern.dilation, 1))
 
 
 # --------------------------------------------------------------------------------------
