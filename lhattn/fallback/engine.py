@@ -87,17 +87,31 @@ def _mask5(mask: Tensor, h: int, h_kv: int) -> Tensor:
     return m.reshape(m.shape[0], h_kv, h // h_kv, m.shape[2], m.shape[3])
 
 
-def _scores(qb: Tensor, ks: Sequence[Tensor], masks: Sequence[Tensor], scale: float, h_kv: int):
+class _Hidden:
+    """``~mask`` in the engine's 5-d layout, remembered for the last mask object of each source
+    (plans hand out the same cached mask for every interior block)."""
+
+    def __init__(self, h: int, h_kv: int):
+        self.h, self.h_kv, self.last = h, h_kv, {}
+
+    def __call__(self, source: int, mask: Tensor) -> Tensor:
+        seen = self.last.get(source)
+        if seen is None or seen[0] is not mask:
+            seen = (mask, ~_mask5(mask, self.h, self.h_kv))
+            self.last[source] = seen
+        return seen[1]
+
+
+def _scores(qb: Tensor, ks: Sequence[Tensor], hidden: Sequence[Tensor], scale: float, h_kv: int):
     """Masked scores of a query block against its keys -> ``[B, H_kv, g, Bq, ΣL]`` (fp32+)."""
     b, h, bq, _ = qb.shape
     g = h // h_kv
     acc = torch.float64 if qb.dtype == torch.float64 else torch.float32
     qg = _group(qb, h_kv)
     parts = []
-    for kb, m in zip(ks, masks):
+    for kb, m in zip(ks, hidden):
         s = torch.matmul(qg, kb.transpose(-1, -2)).to(acc).mul_(scale)
-        s = s.view(b, h_kv, g, bq, kb.shape[2])
-        parts.append(s.masked_fill_(~_mask5(m, h, h_kv), float("-inf")))
+        parts.append(s.view(b, h_kv, g, bq, kb.shape[2]).masked_fill_(m, float("-inf")))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
@@ -107,6 +121,7 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+    hidden = _Hidden(h, h_kv)
     for blk in plan.blocks():
         used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
         if not used:
@@ -115,18 +130,19 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float):
         bq = qb.shape[2]
         ks = [_select(sources[i][0], kb.index) for i, kb in used]
         vs = [_select(sources[i][1], kb.index) for i, kb in used]
-        s = _scores(qb, ks, [kb.mask for _, kb in used], scale, h_kv)  # [B, Hkv, g, Bq, L]
+        s = _scores(qb, ks, [hidden(i, kb.mask) for i, kb in used], scale, h_kv)  # [B, Hkv, g, Bq, L]
         m = s.amax(dim=-1, keepdim=True)
         m = m.masked_fill_(torch.isinf(m), 0.0)  # rows that see nothing: keep exp() finite
         p = s.sub_(m).exp_()  # in place: s is not needed any more
         l = p.sum(dim=-1, keepdim=True)  # [B, Hkv, g, Bq, 1]; 0 for rows that see nothing
         p = p.to(q.dtype)
-        o = torch.zeros(b, h_kv, h // h_kv * bq, d, dtype=acc, device=q.device)
+        o = None
         start = 0
         for vb in vs:
             stop = start + vb.shape[2]
             pv = p[..., start:stop].reshape(b, h_kv, -1, stop - start)
-            o += torch.matmul(pv, vb).to(acc)
+            ov = torch.matmul(pv, vb).to(acc)
+            o = ov if o is None else o.add_(ov)
             start = stop
         o = o.view(b, h_kv, h // h_kv, bq, d).div_(l.clamp(min=torch.finfo(acc).tiny))
         m = m.add_(torch.log(l))  # log-sum-exp; -inf where l == 0
@@ -144,6 +160,7 @@ def _backward(q, sources, plan, scale, out, lse, dout):
     dkv = [(torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
            for k, v in sources]
     delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, N]
+    hidden = _Hidden(h, h_kv)
     for blk in plan.blocks():
         used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
         if not used:
@@ -152,13 +169,13 @@ def _backward(q, sources, plan, scale, out, lse, dout):
         bq = qb.shape[2]
         ks = [_select(sources[i][0], kb.index) for i, kb in used]
         vs = [_select(sources[i][1], kb.index) for i, kb in used]
-        s = _scores(qb, ks, [kb.mask for _, kb in used], scale, h_kv)
+        s = _scores(qb, ks, [hidden(i, kb.mask) for i, kb in used], scale, h_kv)
         lb = lse[:, :, blk.rows].reshape(b, h_kv, g, bq)
         p = s.sub_(torch.where(torch.isinf(lb), 0.0, lb)[..., None]).exp_()  # [B, Hkv, g, Bq, L]
         dob = _group(dout[:, :, blk.rows], h_kv)  # [B, Hkv, g*Bq, D]
         db = delta[:, :, blk.rows].reshape(b, h_kv, g, bq, 1)
         qg = _group(qb, h_kv)
-        dqb = torch.zeros(b, h_kv, g * bq, d, dtype=acc, device=q.device)
+        dqb = None
         start = 0
         for (i, kb), kk, vv in zip(used, ks, vs):
             stop = start + kk.shape[2]
@@ -168,7 +185,8 @@ def _backward(q, sources, plan, scale, out, lse, dout):
             pb = pb.reshape(b, h_kv, g * bq, -1)
             _add_rows(dkv[i][1], kb.index, torch.matmul(pb.to(q.dtype).transpose(-1, -2), dob).to(acc))
             _add_rows(dkv[i][0], kb.index, torch.matmul(ds.to(q.dtype).transpose(-1, -2), qg).to(acc))
-            dqb += torch.matmul(ds.to(q.dtype), kk).to(acc)
+            dqk = torch.matmul(ds.to(q.dtype), kk).to(acc)
+            dqb = dqk if dqb is None else dqb.add_(dqk)
             start = stop
         dq[:, :, blk.rows] = dqb.view(b, h, bq, d)
     grads = [dq.to(q.dtype)]

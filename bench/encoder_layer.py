@@ -1,0 +1,190 @@
+"""An ``nn.TransformerEncoderLayer`` with stock attention vs lhattn swapped in (issue 6).
+
+    python -m bench.encoder_layer                    # CPU: n = 4k, 16k, 32k (stock cases capped)
+    python -m bench.encoder_layer --device cuda      # GPU
+    python -m bench.encoder_layer --n 4096 --out DIR
+
+Forward+backward of one layer (d_model 512, 8 heads, feed-forward 2048, dropout 0, batch first,
+B = 1) for three attention set-ups on the same weights and input:
+
+* ``stock-full``     torch's ``nn.MultiheadAttention``, no mask (dense O(n²));
+* ``stock-window``   the same with the equivalent sliding-window ``attn_mask`` ([n, n] bool, built
+  outside the timed region): what a user without lhattn would write;
+* ``lhattn-window``  ``lhattn.nn.replace_attention(layer, pattern=SlidingWindow((256, 256)))``
+  (Triton on CUDA, the blocked fallback on CPU).
+
+Time: ``triton.testing.do_bench`` median on CUDA, a wall-clock median on CPU.  Peak memory: on
+CUDA ``max_memory_allocated`` during one run; on CPU each case runs in its own subprocess and
+reports its peak RSS during one run (see ``bench.case``).  A stock case whose attention matrices
+would not fit in ``--mem-cap-gib`` is recorded as skipped, not run.  Output: JSON + markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from .case import Timing, _time_cpu, _time_cuda
+
+SETUPS = ("stock-full", "stock-window", "lhattn-window")
+D_MODEL, HEADS, FF, WINDOW = 512, 8, 2048, 256
+PREFIX = "ENCODER_RESULT "
+
+
+def _layer(setup: str, n: int, device: str, dtype):
+    import lhattn
+    import lhattn.nn
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, dropout=0.0, batch_first=True,
+                                             device=device, dtype=dtype)
+    mask = None
+    if setup == "lhattn-window":
+        lhattn.nn.replace_attention(layer, pattern=lhattn.SlidingWindow((WINDOW, WINDOW)))
+    elif setup == "stock-window":
+        i = torch.arange(n, device=device)
+        mask = (i[None, :] - i[:, None]).abs() > WINDOW  # True = not allowed (torch's bool convention)
+    x = torch.randn(1, n, D_MODEL, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn_like(x)
+    leaves = [x] + list(layer.parameters())
+
+    def run():
+        layer(x, src_mask=mask).backward(dout)
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+    return run, reset, leaves
+
+
+def measure(setup: str, n: int, device: str, dtype_name: str) -> dict:
+    dtype = getattr(torch, dtype_name)
+    run, reset, leaves = _layer(setup, n, device, dtype)
+    if device == "cuda":
+        res = _time_cuda(run, reset, leaves, Timing(), memory=True)
+    else:
+        res = _time_cpu(run, reset, Timing(target_s=3.0, long_s=10.0), memory=True)
+    return {"setup": setup, "n": n, "status": "ok", **res}
+
+
+def _predicted_bytes(setup: str, n: int, elem: int) -> int:
+    """Memory of the stock attention weights (kept for backward, plus softmax temporaries)."""
+    return 0 if setup == "lhattn-window" else 3 * HEADS * n * n * elem
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return "CPU: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def _run_case(setup: str, n: int, device: str, dtype: str) -> dict:
+    if device == "cuda":
+        try:
+            return measure(setup, n, device, dtype)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            return {"setup": setup, "n": n, "status": "oom", "reason": str(e)[:200]}
+    cmd = [sys.executable, "-m", "bench.encoder_layer", "--one", setup, str(n), device, dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    for line in proc.stdout.splitlines():
+        if line.startswith(PREFIX):
+            return json.loads(line[len(PREFIX):])
+    return {"setup": setup, "n": n, "status": "error", "reason": (proc.stderr or proc.stdout)[-400:]}
+
+
+def _table(rows: List[dict], ns: List[int]) -> str:
+    def cell(r: Optional[dict]) -> str:
+        if r is None:
+            return "-"
+        if r["status"] != "ok":
+            return r["status"]
+        mem = r.get("peak_mem_bytes")
+        return f"{r['median_ms'] / 1e3:.3g} s, {mem / 2**20:.0f} MiB" if mem is not None else f"{r['median_ms']:.3g} ms"
+
+    def get(setup, n):
+        return next((r for r in rows if r["setup"] == setup and r["n"] == n), None)
+    lines = ["| n | " + " | ".join(SETUPS) + " | lhattn speed-up vs full | vs window mask |",
+             "|---|" + "---|" * (len(SETUPS) + 2)]
+    for n in ns:
+        ours = get("lhattn-window", n)
+        ratios = []
+        for peer in ("stock-full", "stock-window"):
+            p = get(peer, n)
+            ok = ours and p and ours["status"] == "ok" and p["status"] == "ok"
+            ratios.append(f"{p['median_ms'] / ours['median_ms']:.1f}x" if ok else "-")
+        lines.append(f"| {n} | " + " | ".join(cell(get(s, n)) for s in SETUPS) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--n", default="4096,16384,32768")
+    ap.add_argument("--mem-cap-gib", type=float, default=None,
+                    help="skip stock cases predicted above this (default: 12 on CPU, 0.9 x GPU memory)")
+    ap.add_argument("--out", default=None, help="folder for encoder_layer.json / .md (default: print only)")
+    ap.add_argument("--one", nargs=4, metavar=("SETUP", "N", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        setup, n, device, dtype = args.one
+        print(PREFIX + json.dumps(measure(setup, int(n), device, dtype)), flush=True)
+        return {}
+
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    elem = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    if args.mem_cap_gib is not None:
+        cap = args.mem_cap_gib * 2**30
+    elif args.device == "cuda":
+        cap = 0.9 * torch.cuda.get_device_properties(0).total_memory
+    else:
+        cap = 12 * 2**30
+    ns = [int(t) for t in args.n.split(",")]
+    rows = []
+    for n in ns:
+        for setup in SETUPS:
+            if _predicted_bytes(setup, n, elem) > cap:
+                rows.append({"setup": setup, "n": n, "status": "skipped",
+                             "reason": f"predicted {_predicted_bytes(setup, n, elem) / 2**30:.1f} GiB > cap "
+                                       f"{cap / 2**30:.1f} GiB"})
+            else:
+                t0 = time.perf_counter()
+                rows.append(_run_case(setup, n, args.device, dtype))
+                rows[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(rows[-1]), flush=True)
+    import lhattn
+    meta = {"device": _device_name(args.device), "dtype": dtype, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "lhattn": lhattn.__version__,
+            "layer": f"TransformerEncoderLayer(d_model={D_MODEL}, nhead={HEADS}, dim_feedforward={FF}, dropout=0, "
+                     f"batch_first=True), B=1, forward+backward", "window": [WINDOW, WINDOW],
+            "command": "python -m bench.encoder_layer " + " ".join(argv if argv is not None else sys.argv[1:])}
+    table = _table(rows, ns)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "encoder_layer.json"), "w") as fh:
+            json.dump({"meta": meta, "results": rows}, fh, indent=1)
+        with open(os.path.join(args.out, "encoder_layer.md"), "w") as fh:
+            fh.write(f"# TransformerEncoderLayer: stock vs lhattn\n\n{meta['layer']}; {meta['device']}; "
+                     f"{dtype}; torch {meta['torch']}; {meta['date']}\n\n"
+                     "Cells: median time of forward+backward, peak extra memory of one run.\n\n" + table + "\n")
+    return {"meta": meta, "results": rows}
+
+
+if __name__ == "__main__":
+    main()
