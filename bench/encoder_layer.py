@@ -75,8 +75,9 @@ def measure(setup: str, n: int, device: str, dtype_name: str) -> dict:
 
 
 def _predicted_bytes(setup: str, n: int, elem: int) -> int:
-    """Memory of the stock attention weights (kept for backward, plus softmax temporaries)."""
-    return 0 if setup == "lhattn-window" else 3 * HEADS * n * n * elem
+    """What the stock set-ups hold beyond O(n): the [n, n] mask, and the [H, n, n] scores a masked
+    SDPA may materialise (kept for backward, plus softmax temporaries)."""
+    return 3 * HEADS * n * n * elem + n * n if setup == "stock-window" else 0
 
 
 def _device_name(device: str) -> str:
@@ -136,6 +137,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--n", default="4096,16384,32768")
+    ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
     ap.add_argument("--mem-cap-gib", type=float, default=None,
                     help="skip stock cases predicted above this (default: 12 on CPU, 0.9 x GPU memory)")
     ap.add_argument("--out", default=None, help="folder for encoder_layer.json / .md (default: print only)")
@@ -157,7 +159,9 @@ def main(argv=None) -> dict:
     ns = [int(t) for t in args.n.split(",")]
     rows = []
     for n in ns:
-        for setup in SETUPS:
+        for setup in args.setups.split(","):
+            if setup not in SETUPS:
+                raise SystemExit(f"--setups: unknown set-up {setup!r}; allowed: {SETUPS}")
             if _predicted_bytes(setup, n, elem) > cap:
                 rows.append({"setup": setup, "n": n, "status": "skipped",
                              "reason": f"predicted {_predicted_bytes(setup, n, elem) / 2**30:.1f} GiB > cap "
