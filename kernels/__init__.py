@@ -5,7 +5,8 @@ One module per pattern family, each with plain launchers returning ``(out, lse)`
 online-softmax pieces every family shares.
 """
 
+from .lsg import lsg_bwd, lsg_fwd
 from .segment import segment_bwd, segment_fwd
 from .sliding_window import sliding_window_bwd, sliding_window_fwd
 
-__all__ = ["sliding_window_fwd", "sliding_window_bwd", "segment_fwd", "segment_bwd"]
+__all__ = ["sliding_window_fwd", "sliding_window_bwd", "segment_fwd", "segment_bwd", "lsg_fwd", "lsg_bwd"]

@@ -382,7 +382,7 @@ def _sw_bwd_dkdv_global_kernel(
     r_begin = i_s * chunk
     r_end = tl.minimum(n_q, r_begin + chunk)
     r_full = r_begin + (r_end - r_begin) // BLOCK_M * BLOCK_M
-    everything = n_q + 1  # band wide enough to hold every row
+    everything = n_q + n_glob + 1  # band wide enough for every row and every key slot
     i_h0 = i_hk * heads_per_kv
     p_q = Q + i_b.to(tl.int64) * stride_qb
     p_do = DO + i_b.to(tl.int64) * stride_dob

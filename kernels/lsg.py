@@ -1,0 +1,852 @@
+"""LSG attention (local + sparse + global): Triton kernels and plain launchers.
+
+Semantics: :mod:`lhattn.reference.lsg`.  Notation: ``b`` = block_size, ``sb`` = sparse_block_size,
+``f`` = sparsity_factor, ``s = b / f``, ``g`` = num_global_tokens, ``o`` = block offset (0 inline,
+``g`` prepended), ``Tc`` = rows of the compressed sequence.  The compressed keys/values are built
+beforehand by the sparse selection (:mod:`lhattn.selection`, differentiable PyTorch); the kernels
+only attend to them and return their gradients.
+
+The kernels follow the plan of ``lhattn/fallback/lsg.py``: a non-global query row of LSG block
+``t`` (rows ``[o + t·b, o + (t+1)·b)``) sees four key *sources*, each one contiguous interval of
+key indices that is the same for every row of the block and is computed from ``t`` alone -- no
+mask tensor is ever built:
+
+* local: ``k, v`` rows ``[max(o + (t-1)·b, g), min(o + (t+2)·b, N))``; causal: up to
+  ``o + (t+1)·b`` and ``j <= i``; padding keys masked;
+* sparse left: compressed rows ``[(t-1)·s - sb, (t-1)·s)`` clipped to ``[0, Tc)``, masked by the
+  selection's validity;
+* sparse right (non-causal only): compressed rows ``[(t+2)·s, (t+2)·s + sb)``, idem;
+* global: ``k, v`` rows ``[0, g)``, padding keys masked.
+
+One program visits the four sources in turn with one online softmax (the helpers of
+:mod:`._core`): the local source's interior key blocks without the element mask, its edge blocks
+with it; the compressed windows (at most ``sb`` keys, masked by validity anyway) and the few global
+keys in one masked range each.
+Global rows (``i < g``) and short sequences (``N - o <= 2·b``) see every key (``j <= i`` when
+causal): they go through the dense path of :mod:`.sliding_window` (split over key chunks and
+merged by log-sum-exp when there are too few rows to fill the GPU), not through another kernel.
+
+Kernels
+-------
+* ``_lsg_fwd_kernel`` / ``_lsg_bwd_dq_kernel``: grid ``(n_blocks · ceil(b / BLOCK_M), H, B)``;
+  a program owns ``BLOCK_M`` rows of one LSG block (tiles never straddle two blocks, so the
+  source intervals are per program).
+* ``_lsg_bwd_dkdv_local_kernel``: grid ``(n_blocks · ceil(b / BLOCK_N), H_kv, B)``; ``BLOCK_N``
+  non-global keys of block ``u`` against the rows of blocks ``u-1 .. u+1`` (``u, u+1`` and
+  ``i >= j`` when causal), summed over the query heads of the kv head (GQA).  The global rows'
+  share (dense path) is added in the same store.
+* ``_lsg_bwd_dkdv_sparse_kernel``: grid ``(ceil(Tc / BLOCK_N), Hc, B)``; ``BLOCK_N`` compressed
+  keys against the rows of the query blocks whose left (right) window reaches them -- two
+  contiguous ranges of ``t`` derived from the tile's bounds, visited once each with a per-element
+  window mask (a row tile may straddle blocks).
+* global keys: :func:`.sliding_window.add_global_key_grads` (shared by the families with global
+  tokens) on the rows ``[g, N)``: split into row chunks whose partial sums are added
+  deterministically (no atomics).
+
+Memory: ``out``, ``lse`` and, in the backward, ``delta [B, H, N]``, ``[S, B, H_kv, g, D]``
+partials of the global keys and (non-causal, ``g > 0``) the dense path's ``dk, dv
+[B, H_kv, N, D]`` of the global rows, read once by the local dk/dv kernel; nothing of size
+``N × window``, no mask tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_range,
+                    attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
+                    next_power_of_2, split_scale)
+from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
+
+__all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS"]
+
+INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
+"""``(BLOCK_M, BLOCK_N)`` under ``TRITON_INTERPRET=1`` (no autotuning there).  For the dk/dv
+kernels BLOCK_N is the key block of a program and BLOCK_M the query rows per step."""
+
+
+def is_short(n: int, block_size: int, block_offset: int) -> bool:
+    """LSG's rule: ``N - o <= 2·b`` means full attention."""
+    return n - block_offset <= 2 * block_size
+
+
+# --------------------------------------------------------------------------------------
+# block-size configurations
+# --------------------------------------------------------------------------------------
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+
+
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+               (32, 16, 2, 2), (16, 16, 2, 2)]
+_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2),
+                (16, 32, 2, 2), (16, 16, 2, 2)]
+
+
+def _pruner(tile: str, bound: str):
+    """Keep configs whose tiles fit the head dim / dtype and whose ``tile`` axis (the one a
+    program owns) is not much longer than the ``bound`` argument (an LSG block, ``Tc``)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
+        d = args["HEAD_DIM"]
+        q = args.get("Q")
+        limit = 128 * 64 * 64 // max(d, 16)
+        if q is not None and q.dtype == torch.float64:
+            limit //= 4
+        cap = max(16, next_power_of_2(int(args[bound])))
+        kept = [c for c in configs
+                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit and c.kwargs[tile] <= cap]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune
+
+
+def _tuned(shapes, key, tile: str, bound: str):
+    """Autotune on CUDA; plain kernel (block sizes passed at launch) under the interpreter."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        return triton.autotune(configs=_configs(shapes), key=key,
+                               prune_configs_by={"early_config_prune": _pruner(tile, bound)})(fn)
+    return wrap
+
+
+def _meta(kind: str) -> dict:
+    if not INTERPRET:
+        return {}
+    bm, bn = INTERPRET_BLOCKS[kind]
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+# --------------------------------------------------------------------------------------
+# forward and dq: one program = BLOCK_M rows of one LSG block, four key sources
+# --------------------------------------------------------------------------------------
+
+
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE"], tile="BLOCK_M", bound="block_size")
+@triton.jit
+def _lsg_fwd_kernel(
+    Q, K, V, KC, VC, SV, KM, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kcb, stride_kch, stride_kcn, stride_kcd,
+    stride_vcb, stride_vch, stride_vcn, stride_vcd,
+    stride_svb, stride_svh, stride_svn,
+    stride_kmb, stride_kmn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_kv, heads_per_c, big,
+    qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # program -> (LSG block i_t, sub-tile of BLOCK_M rows); heads; batch
+    i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_sub = tl.cdiv(block_size, BLOCK_M)
+    i_t = i_blk // n_sub
+    t_start = block_offset + i_t * block_size  # first row of the block
+    start = t_start + (i_blk % n_sub) * BLOCK_M
+    r_begin = tl.maximum(t_start, n_global)  # global rows go through the dense path
+    r_end = tl.minimum(t_start + block_size, n)
+    if (start >= r_end) | (start + BLOCK_M <= r_begin):
+        return
+    i_hk = i_h // heads_per_kv
+    ACC = LSE.dtype.element_ty
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_km = KM + i_b.to(tl.int64) * stride_kmb
+
+    o_m = start + tl.arange(0, BLOCK_M)  # [BM] query positions
+    m_m = (o_m >= r_begin) & (o_m < r_end)
+    o_d = tl.arange(0, HEAD_DIM)
+    b_q = tl.load(p_q + o_m[:, None].to(tl.int64) * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None],
+                  other=0.0)  # [BM, D]
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+
+    # local: blocks t-1 .. t+1 (t-1, t and j <= i when causal), global keys excluded
+    k_begin = tl.maximum(t_start - block_size, n_global)
+    if CAUSAL:
+        k_end = tl.maximum(tl.minimum(t_start + block_size, n), k_begin)
+        after = 0
+    else:
+        k_end = tl.maximum(tl.minimum(t_start + 2 * block_size, n), k_begin)
+        after = big
+    lo, full_lo, full_hi, hi = block_range(start, big, after, k_begin, k_end, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
+        lo, full_lo, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
+        full_lo, full_hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
+        full_hi, hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+
+    if HAS_SPARSE:
+        # compressed keys: every row of the block sees the same interval of at most sb keys,
+        # masked by the selection's validity anyway, so one masked range per side (blocks start
+        # at c_begin: no alignment needed, and the range check costs nothing next to it)
+        i_hc = i_h // heads_per_c
+        p_kc = KC + i_b.to(tl.int64) * stride_kcb + i_hc.to(tl.int64) * stride_kch
+        p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
+        p_sv = SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh
+        for side in tl.static_range(1 if CAUSAL else 2):
+            if side == 0:  # left: [(t-1)s - sb, (t-1)s)
+                c_stop = (i_t - 1) * sparse_step
+                c_begin = tl.maximum(c_stop - sparse_size, 0)
+                c_end = tl.maximum(tl.minimum(c_stop, n_c), c_begin)
+            else:  # right: [(t+2)s, (t+2)s + sb)
+                c_begin = tl.minimum((i_t + 2) * sparse_step, n_c)
+                c_end = tl.minimum((i_t + 2) * sparse_step + sparse_size, n_c)
+            acc, m_i, l_i = attn_fwd_range(
+                acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
+                o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
+                BLOCK_N, True, True, EXACT_SCALE, USE_EXP2)
+
+    # global keys [0, g): few, always edge-masked
+    acc, m_i, l_i = attn_fwd_range(
+        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
+        0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+
+    m_row = m_m
+    if HAS_KMASK:  # padding rows output 0, lse -inf
+        m_row = m_row & (tl.load(p_km + o_m.to(tl.int64) * stride_kmn, mask=m_m, other=0) != 0)
+    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2)
+    p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(p_o + o_m[:, None].to(tl.int64) * stride_on + o_d[None, :] * stride_od, cast_to(b_o, O.dtype.element_ty),
+             mask=m_m[:, None])
+    p_l = LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
+    tl.store(p_l + o_m.to(tl.int64) * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
+
+
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE"], tile="BLOCK_M", bound="block_size")
+@triton.jit
+def _lsg_bwd_dq_kernel(
+    Q, K, V, KC, VC, SV, KM, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kcb, stride_kch, stride_kcn, stride_kcd,
+    stride_vcb, stride_vch, stride_vcn, stride_vcd,
+    stride_svb, stride_svh, stride_svn,
+    stride_kmb, stride_kmn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_kv, heads_per_c, big,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # the forward's program layout and source loop; dS = P ∘ (dP − delta), dq += dS k
+    i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_sub = tl.cdiv(block_size, BLOCK_M)
+    i_t = i_blk // n_sub
+    t_start = block_offset + i_t * block_size
+    start = t_start + (i_blk % n_sub) * BLOCK_M
+    r_begin = tl.maximum(t_start, n_global)
+    r_end = tl.minimum(t_start + block_size, n)
+    if (start >= r_end) | (start + BLOCK_M <= r_begin):
+        return
+    i_hk = i_h // heads_per_kv
+    ACC = DELTA.dtype.element_ty
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_km = KM + i_b.to(tl.int64) * stride_kmb
+    p_lse = LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
+    p_delta = DELTA + i_b.to(tl.int64) * stride_deb + i_h.to(tl.int64) * stride_deh
+
+    o_m = start + tl.arange(0, BLOCK_M)
+    m_m = (o_m >= r_begin) & (o_m < r_end)
+    o_pq = o_m.to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    b_q = tl.load(p_q + o_pq[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
+    b_do = tl.load(p_do + o_pq[:, None] * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None], other=0.0)
+    b_lse, b_delta = attn_bwd_load_rows(p_lse, p_delta, o_pq, stride_ln, stride_den, m_m, True, USE_EXP2)
+    b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+
+    k_begin = tl.maximum(t_start - block_size, n_global)
+    if CAUSAL:
+        k_end = tl.maximum(tl.minimum(t_start + block_size, n), k_begin)
+        after = 0
+    else:
+        k_end = tl.maximum(tl.minimum(t_start + 2 * block_size, n), k_begin)
+        after = big
+    lo, full_lo, full_hi, hi = block_range(start, big, after, k_begin, k_end, BLOCK_M, BLOCK_N)
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, lo, full_lo, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, full_lo, full_hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, full_hi, hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+
+    if HAS_SPARSE:
+        i_hc = i_h // heads_per_c
+        p_kc = KC + i_b.to(tl.int64) * stride_kcb + i_hc.to(tl.int64) * stride_kch
+        p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
+        p_sv = SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh
+        for side in tl.static_range(1 if CAUSAL else 2):
+            if side == 0:
+                c_stop = (i_t - 1) * sparse_step
+                c_begin = tl.maximum(c_stop - sparse_size, 0)
+                c_end = tl.maximum(tl.minimum(c_stop, n_c), c_begin)
+            else:
+                c_begin = tl.minimum((i_t + 2) * sparse_step, n_c)
+                c_end = tl.minimum((i_t + 2) * sparse_step + sparse_size, n_c)
+            b_dq = attn_bwd_dq_range(
+                b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
+                o_d * stride_kcd, o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big,
+                qk_scale, qk_scale_lo, BLOCK_N, True, True, EXACT_SCALE, USE_EXP2)
+
+    b_dq = attn_bwd_dq_range(
+        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+        o_d * stride_vd, 0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+    b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
+
+    p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    tl.store(p_dq + o_pq[:, None] * stride_dqn + o_d[None, :] * stride_dqd, cast_to(b_dq, DQ.dtype.element_ty),
+             mask=m_m[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# dk, dv
+# --------------------------------------------------------------------------------------
+
+
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL"], tile="BLOCK_N", bound="block_size")
+@triton.jit
+def _lsg_bwd_dkdv_local_kernel(
+    Q, K, V, DO, LSE, DELTA, KM, DKI, DVI, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kmb, stride_kmn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dkib, stride_dkih, stride_dkin, stride_dkid,
+    stride_dvib, stride_dvih, stride_dvin, stride_dvid,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n, n_global, block_offset, block_size, heads_per_kv, big,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_DK_IN: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # one program = BLOCK_N non-global keys of LSG block i_u, one kv head, summed over its query heads
+    i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_sub = tl.cdiv(block_size, BLOCK_N)
+    i_u = i_blk // n_sub
+    u_start = block_offset + i_u * block_size
+    start = u_start + (i_blk % n_sub) * BLOCK_N
+    c_begin = tl.maximum(u_start, n_global)  # global keys: add_global_key_grads
+    c_end = tl.minimum(u_start + block_size, n)
+    if (start >= c_end) | (start + BLOCK_N <= c_begin):
+        return
+    ACC = DELTA.dtype.element_ty
+
+    o_n = start + tl.arange(0, BLOCK_N)  # [BN] key positions
+    m_n = (o_n >= c_begin) & (o_n < c_end)
+    o_pk = o_n.to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_k = tl.load(p_k + o_pk[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    b_v = tl.load(p_v + o_pk[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+
+    # non-global rows of blocks u-1 .. u+1 (u, u+1 with i >= j when causal)
+    if CAUSAL:
+        r_begin = tl.maximum(u_start, n_global)
+        after = 0
+    else:
+        r_begin = tl.maximum(u_start - block_size, n_global)
+        after = big
+    r_end = tl.minimum(u_start + 2 * block_size, n)
+    # rows i that see key j: j - after <= i <= j + big
+    lo, full_lo, full_hi, hi = block_range(start, after, big, r_begin, r_end, BLOCK_N, BLOCK_M)
+    # the query heads of this kv head and the row blocks share one flat loop (core helper)
+    i_h0 = i_hk * heads_per_kv
+    p_q = Q + i_b.to(tl.int64) * stride_qb
+    p_do = DO + i_b.to(tl.int64) * stride_dob
+    p_lse = LSE + i_b.to(tl.int64) * stride_lb
+    p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        lo, full_lo, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        full_lo, full_hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE,
+        USE_EXP2)
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
+        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+        full_hi, hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+
+    m_key = m_n
+    if HAS_KMASK:  # padding keys were never seen
+        m_key = m_key & (tl.load(KM + i_b.to(tl.int64) * stride_kmb + o_pk * stride_kmn, mask=m_n, other=0) != 0)
+    # dk then dv, each with the global rows' share (dense path) added before its one rounding
+    p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
+    if HAS_DK_IN:
+        p_dki = DKI + i_b.to(tl.int64) * stride_dkib + i_hk.to(tl.int64) * stride_dkih
+        b_dk += tl.load(p_dki + o_pk[:, None] * stride_dkin + o_d[None, :] * stride_dkid, mask=m_n[:, None],
+                        other=0.0).to(ACC)
+    tl.store(p_dk + o_pk[:, None] * stride_dkn + o_d[None, :] * stride_dkd, cast_to(b_dk, DK.dtype.element_ty),
+             mask=m_n[:, None])
+    p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    b_dv = tl.where(m_key[:, None], b_dv, 0.0)
+    if HAS_DK_IN:
+        p_dvi = DVI + i_b.to(tl.int64) * stride_dvib + i_hk.to(tl.int64) * stride_dvih
+        b_dv += tl.load(p_dvi + o_pk[:, None] * stride_dvin + o_d[None, :] * stride_dvid, mask=m_n[:, None],
+                        other=0.0).to(ACC)
+    tl.store(p_dv + o_pk[:, None] * stride_dvn + o_d[None, :] * stride_dvd, cast_to(b_dv, DV.dtype.element_ty),
+             mask=m_n[:, None])
+
+
+@triton.jit
+def _sparse_dkdv_heads(
+    b_dk, b_dv, b_k, b_v, o_c,
+    p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh, stride_dh,
+    stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+    row_lo, row_hi, block_offset, block_size, sparse_size, sparse_step, qk_scale, qk_scale_lo,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the compressed keys ``o_c [BN]`` (``b_k, b_v [BN, D]``)
+    over the non-global rows ``[row_lo, row_hi)`` (``row_lo >= max(g, o)``), ``BLOCK_M`` at a time,
+    summed over the ``n_heads`` query heads ``i_h0, i_h0 + 1, ...`` of this compressed head;
+    ``p_q, p_do, p_lse, p_delta`` point at head 0 of the batch row.  Row ``i`` of LSG block
+    ``t = (i - o) // b`` sees ``p`` iff ``p`` lies in its left window ``[(t-1)s - sb, (t-1)s)`` or
+    (non-causal) its right window ``[(t+2)s, (t+2)s + sb)``: a row tile may straddle blocks, so the
+    window is applied per element.  Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
+    over heads and row blocks, transposed ``[BN, BM]`` tiles; the caller applies the scale and
+    zeroes the keys the forward never saw)."""
+    n_blk = tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_M)
+    for it in range(0, n_blk * n_heads):
+        i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
+        o_i = row_lo + (it // n_heads) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        m_i = o_i < row_hi
+        o_pos = o_i.to(tl.int64)
+        b_q = tl.load(p_q + i_h * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
+                      other=0.0)  # [BM, D]
+        b_do = tl.load(p_do + i_h * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None],
+                       other=0.0)
+        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
+                                            stride_dn, m_i, True, USE_EXP2)
+        c_stop = ((o_i - block_offset) // block_size - 1) * sparse_step  # [BM] end of each row's left window
+        m_vis = (o_c[:, None] >= c_stop[None, :] - sparse_size) & (o_c[:, None] < c_stop[None, :])  # [BN, BM]
+        if not CAUSAL:
+            c_first = c_stop + 3 * sparse_step  # (t+2)s
+            m_vis = m_vis | ((o_c[:, None] >= c_first[None, :]) & (o_c[:, None] < c_first[None, :] + sparse_size))
+        b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
+        b_st = tl.where(m_vis & m_i[None, :], b_st, float("-inf"))
+        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
+        b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
+        b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
+    return b_dk, b_dv
+
+
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL"], tile="BLOCK_N", bound="n_c")
+@triton.jit
+def _lsg_bwd_dkdv_sparse_kernel(
+    Q, KC, VC, SV, DO, LSE, DELTA, DKC, DVC,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kcb, stride_kch, stride_kcn, stride_kcd,
+    stride_vcb, stride_vch, stride_vcn, stride_vcd,
+    stride_svb, stride_svh, stride_svn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dkcb, stride_dkch, stride_dkcn, stride_dkcd,
+    stride_dvcb, stride_dvch, stride_dvcn, stride_dvcd,
+    n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_c, big,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+):
+    # one program = BLOCK_N compressed keys of one compressed head, summed over its query heads
+    i_n, i_hc, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ACC = DELTA.dtype.element_ty
+    p_first = i_n * BLOCK_N
+    o_c = p_first + tl.arange(0, BLOCK_N)  # [BN] compressed positions
+    m_c = o_c < n_c
+    p_last = tl.minimum(p_first + BLOCK_N, n_c) - 1
+    o_pc = o_c.to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_kc = KC + i_b.to(tl.int64) * stride_kcb + i_hc.to(tl.int64) * stride_kch
+    p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
+    b_k = tl.load(p_kc + o_pc[:, None] * stride_kcn + o_d[None, :] * stride_kcd, mask=m_c[:, None], other=0.0)
+    b_v = tl.load(p_vc + o_pc[:, None] * stride_vcn + o_d[None, :] * stride_vcd, mask=m_c[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+
+    # The query blocks whose windows reach [p_first, p_last] form two ranges of t (from the
+    # window bounds), hence two row ranges; they are visited apart (rows of the gap between them
+    # see none of these keys) and never twice, each with the both-sides mask.
+    n_blocks = tl.cdiv(n - block_offset, block_size)
+    # left window [(t-1)s - sb, (t-1)s):  p_first // s + 2 <= t <= (p_last + sb) // s + 1
+    tl_lo = p_first // sparse_step + 2
+    tl_hi = tl.minimum((p_last + sparse_size) // sparse_step + 2, n_blocks)
+    if CAUSAL:
+        tr_lo = tl_lo
+        tr_hi = tl_lo
+    else:
+        # right window [(t+2)s, (t+2)s + sb):  floor((p_first - sb) / s) - 1 <= t <= p_last // s - 2
+        wrap = sparse_size // sparse_step + 1  # keeps the floored numerator non-negative
+        tr_lo = tl.maximum((p_first - sparse_size + wrap * sparse_step) // sparse_step - wrap - 1, 0)
+        tr_hi = tl.minimum(p_last // sparse_step - 1, n_blocks)
+        tr_hi = tl.maximum(tl.minimum(tr_hi, tl_lo), tr_lo)  # overlap with the left range: visited there
+    rows_r_lo = tl.maximum(block_offset + tr_lo * block_size, n_global)
+    rows_r_hi = tl.maximum(tl.minimum(block_offset + tr_hi * block_size, n), rows_r_lo)
+    rows_l_lo = tl.maximum(block_offset + tl.minimum(tl_lo, tl_hi) * block_size, n_global)
+    rows_l_hi = tl.maximum(tl.minimum(block_offset + tl_hi * block_size, n), rows_l_lo)
+    i_h0 = i_hc * heads_per_c
+    p_q = Q + i_b.to(tl.int64) * stride_qb
+    p_do = DO + i_b.to(tl.int64) * stride_dob
+    p_lse = LSE + i_b.to(tl.int64) * stride_lb
+    p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    for side in tl.static_range(1 if CAUSAL else 2):
+        if side == 0:
+            row_lo, row_hi = rows_l_lo, rows_l_hi
+        else:
+            row_lo, row_hi = rows_r_lo, rows_r_hi
+        b_dk, b_dv = _sparse_dkdv_heads(
+            b_dk, b_dv, b_k, b_v, o_c, p_q, p_do, p_lse, p_delta, i_h0, heads_per_c, stride_qh, stride_doh,
+            stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
+            row_lo, row_hi, block_offset, block_size, sparse_size, sparse_step, qk_scale, qk_scale_lo,
+            BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2)
+
+    m_key = m_c & (tl.load(SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh + o_pc * stride_svn,
+                           mask=m_c, other=0) != 0)  # invalid compressed keys were never seen
+    b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
+    b_dv = tl.where(m_key[:, None], b_dv, 0.0)
+    p_dk = DKC + i_b.to(tl.int64) * stride_dkcb + i_hc.to(tl.int64) * stride_dkch
+    p_dv = DVC + i_b.to(tl.int64) * stride_dvcb + i_hc.to(tl.int64) * stride_dvch
+    tl.store(p_dk + o_pc[:, None] * stride_dkcn + o_d[None, :] * stride_dkcd, cast_to(b_dk, DKC.dtype.element_ty),
+             mask=m_c[:, None])
+    tl.store(p_dv + o_pc[:, None] * stride_dvcn + o_d[None, :] * stride_dvcd, cast_to(b_dv, DVC.dtype.element_ty),
+             mask=m_c[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+
+def _strides(name: str, x: torch.Tensor, axes: str = "bhnd") -> dict:
+    """``{"stride_<name><axis>": x.stride(i)}``: kernel stride keywords, named so a misordered
+    stride cannot go unnoticed."""
+    return {f"stride_{name}{a}": x.stride(i) for i, a in enumerate(axes)}
+
+
+def _mask_u8(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A bool mask as a uint8 view (no copy), or a one-element dummy."""
+    if mask is None:
+        return like.new_zeros((1, 1), dtype=torch.uint8)
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
+           num_global_tokens, block_offset) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, H, N, D] and k, v [B, H_kv, N, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, h, n, d = q.shape
+    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d or h % k.shape[1] != 0:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
+                         "(need the same B, N and D, and H % H_kv == 0)")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS} for the Triton kernels, got {d}")
+    for name, val, low in (("block_size", block_size, 1), ("sparse_block_size", sparse_block_size, 0),
+                           ("sparsity_factor", sparsity_factor, 1), ("num_global_tokens", num_global_tokens, 0),
+                           ("block_offset", block_offset, 0)):
+        if val < low:
+            raise ValueError(f"{name} must be >= {low}, got {val}")
+    if key_valid is not None and (key_valid.shape != (b, n) or key_valid.dtype != torch.bool):
+        raise ValueError(f"key_valid must be a [B, N] = {(b, n)} bool tensor, got {tuple(key_valid.shape)} "
+                         f"{key_valid.dtype}")
+    if (k_sparse is None) != (v_sparse is None) or (k_sparse is None) != (sparse_valid is None):
+        raise ValueError("k_sparse, v_sparse and sparse_valid go together: give all three or none")
+    if k_sparse is None:
+        return
+    if block_size % sparsity_factor:
+        raise ValueError(f"sparsity_factor ({sparsity_factor}) must divide block_size ({block_size})")
+    hc = k_sparse.shape[1]
+    if (k_sparse.dim() != 4 or v_sparse.shape != k_sparse.shape or k_sparse.shape[0] != b
+            or k_sparse.shape[3] != d or h % hc != 0):
+        raise ValueError(f"k_sparse, v_sparse must be [B, Hc, Tc, D] with H % Hc == 0, got {tuple(k_sparse.shape)}, "
+                         f"{tuple(v_sparse.shape)} for q {tuple(q.shape)}")
+    if (sparse_valid.dim() != 3 or sparse_valid.dtype != torch.bool or sparse_valid.shape[0] != b
+            or sparse_valid.shape[1] not in (1, hc) or sparse_valid.shape[2] != k_sparse.shape[2]):
+        raise ValueError(f"sparse_valid must be a [B, 1 | Hc, Tc] bool tensor matching k_sparse "
+                         f"{tuple(k_sparse.shape)}, got {tuple(sparse_valid.shape)} {sparse_valid.dtype}")
+
+
+def _dense_fwd(q, k, v, rows: int, causal: bool, scale: float, key_valid):
+    """Rows ``[0, rows)`` see every key (``j <= i`` when causal): the sliding-window dense path."""
+    valid_rows = None if key_valid is None else key_valid[:, :rows]
+    if causal:  # row i < rows sees keys [0, i]: a band over the first `rows` tokens
+        return sliding_window_fwd(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows], window=(rows, 0), scale=scale,
+                                  query_mask=valid_rows, key_mask=valid_rows)
+    return sliding_window_fwd(q[:, :, :rows], k, v, window=None, scale=scale, query_mask=valid_rows,
+                              key_mask=key_valid)
+
+
+def _dense_bwd(dout, q, k, v, out, lse, rows: int, causal: bool, scale: float, key_valid):
+    """Gradients of :func:`_dense_fwd`: ``dq [B, H, rows, D]``, ``dk, dv`` over the keys it saw
+    (``[B, H_kv, rows, D]`` when causal, else ``[B, H_kv, N, D]``)."""
+    sl = (slice(None), slice(None), slice(0, rows))
+    if causal:
+        return sliding_window_bwd(dout[sl], q[sl], k[sl], v[sl], out[sl], lse[sl], window=(rows, 0), scale=scale,
+                                  key_mask=None if key_valid is None else key_valid[:, :rows])
+    return sliding_window_bwd(dout[sl], q[sl], k, v, out[sl], lse[sl], window=None, scale=scale, key_mask=key_valid)
+
+
+class _Args:
+    """Host-side arithmetic shared by the launchers."""
+
+    def __init__(self, q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens,
+                 block_offset, causal, scale):
+        b, h, n, d = q.shape
+        self.scale = d ** -0.5 if scale is None else float(scale)
+        self.qk_scale, self.qk_scale_lo, self.exact, self.use_exp2 = split_scale(self.scale, q.dtype)
+        # dS -> dq/dk use the plain scale (split into float32 halves for float64, like qk_scale)
+        self.sm_scale, self.sm_scale_lo = (self.qk_scale, self.qk_scale_lo) if self.exact else (self.scale, 0.0)
+        self.n, self.h, self.h_kv = n, h, k.shape[1]
+        self.g = min(num_global_tokens, n)
+        self.o = block_offset
+        self.bs = block_size
+        self.n_blocks = triton.cdiv(n - block_offset, block_size)
+        self.has_sparse = k_sparse is not None and k_sparse.shape[2] > 0 and sparse_block_size > 0
+        self.n_c = k_sparse.shape[2] if self.has_sparse else 0
+        self.h_c = k_sparse.shape[1] if self.has_sparse else self.h_kv
+        self.big = 2 * (n + self.n_c) + 1024  # "no band": wider than any index difference
+        self.common = dict(
+            n=n, n_global=self.g, block_offset=block_offset, block_size=block_size, big=self.big,
+            qk_scale=self.qk_scale, qk_scale_lo=self.qk_scale_lo, HEAD_DIM=d, CAUSAL=causal,
+            EXACT_SCALE=self.exact, USE_EXP2=self.use_exp2,
+        )
+        self.sparse = dict(n_c=self.n_c, sparse_size=sparse_block_size, sparse_step=block_size // sparsity_factor,
+                           heads_per_c=h // self.h_c)
+
+
+def _sparse_args(k_sparse, v_sparse, sparse_valid, like):
+    if k_sparse is None or k_sparse.shape[2] == 0:
+        dummy = like.new_zeros((1, 1, 1, 1))
+        return dummy, dummy, like.new_zeros((1, 1, 1), dtype=torch.uint8), 0
+    sv = _mask_u8(sparse_valid, like)
+    return k_sparse, v_sparse, sv, (sv.stride(1) if sv.shape[1] > 1 else 0)
+
+
+def lsg_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_sparse: Optional[torch.Tensor] = None,
+    v_sparse: Optional[torch.Tensor] = None,
+    sparse_valid: Optional[torch.Tensor] = None,
+    *,
+    block_size: int,
+    sparse_block_size: int,
+    sparsity_factor: int,
+    num_global_tokens: int,
+    block_offset: int = 0,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    key_valid: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LSG attention forward over the given compressed keys.
+
+    Args:
+        q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D]`` (``H % H_kv == 0``); any strides.
+        k_sparse, v_sparse: ``[B, Hc, Tc, D]`` compressed keys/values (``H % Hc == 0``; ``Hc = H``
+            for ``bos_pooling`` under GQA), or None (no sparse keys).
+        sparse_valid: ``[B, 1 | Hc, Tc]`` bool, True = the compressed key may be attended to.
+        block_size, sparse_block_size, sparsity_factor, num_global_tokens, causal: the fields of
+            :class:`lhattn.LSG`; block_offset: ``o``, the first token of block 0.
+        key_valid: ``[B, N]`` bool, False = padding (never seen; padding rows give 0 / -inf).
+        scale: softmax scale (default ``D ** -0.5``).
+
+    Returns:
+        ``out [B, H, N, D]`` (q's dtype, contiguous) and ``lse [B, H, N]`` (float32; float64 for
+        float64 inputs; ``-inf`` where a row sees no key).
+    """
+    _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
+           num_global_tokens, block_offset)
+    a = _Args(q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens, block_offset,
+              causal, scale)
+    if is_short(a.n, block_size, block_offset):
+        return _dense_fwd(q, k, v, a.n, causal, a.scale, key_valid)
+    b, h, n, d = q.shape
+    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=acc_dtype(q.dtype), device=q.device)
+    kc, vc, sv, s_svh = _sparse_args(k_sparse, v_sparse, sparse_valid, q)
+    km = _mask_u8(key_valid, q)
+
+    def grid(meta):
+        return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), h, b)
+
+    _lsg_fwd_kernel[grid](
+        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, O=out, LSE=lse,
+        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kc", kc), **_strides("vc", vc),
+        stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **_strides("km", km, "bn"),
+        **_strides("o", out), **_strides("l", lse, "bhn"),
+        heads_per_kv=h // a.h_kv, **a.sparse, **a.common,
+        HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, **_meta("fwd"),
+    )
+    if a.g > 0:  # global rows: every key, dense path
+        out_g, lse_g = _dense_fwd(q, k, v, a.g, causal, a.scale, key_valid)
+        out[:, :, :a.g] = out_g
+        lse[:, :, :a.g] = lse_g
+    return out, lse
+
+
+def lsg_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    k_sparse: Optional[torch.Tensor] = None,
+    v_sparse: Optional[torch.Tensor] = None,
+    sparse_valid: Optional[torch.Tensor] = None,
+    *,
+    block_size: int,
+    sparse_block_size: int,
+    sparsity_factor: int,
+    num_global_tokens: int,
+    block_offset: int = 0,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    key_valid: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of :func:`lsg_fwd` (same arguments, plus ``dout``, ``out``, ``lse``).
+
+    Returns ``dq [B, H, N, D]``, ``dk, dv [B, H_kv, N, D]`` (summed over the query heads of each
+    kv head) and ``dk_sparse, dv_sparse [B, Hc, Tc, D]`` (None without compressed keys), all in
+    the input dtype and contiguous.  Padding rows/keys and invalid compressed keys get 0.
+    """
+    _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
+           num_global_tokens, block_offset)
+    a = _Args(q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens, block_offset,
+              causal, scale)
+    if is_short(a.n, block_size, block_offset):
+        dq, dk, dv = _dense_bwd(dout, q, k, v, out, lse, a.n, causal, a.scale, key_valid)
+        return dq, dk, dv, None, None
+    b, h, n, d = q.shape
+    acc = acc_dtype(q.dtype)
+    kc, vc, sv, s_svh = _sparse_args(k_sparse, v_sparse, sparse_valid, q)
+    km = _mask_u8(key_valid, q)
+    delta = bwd_preprocess(out, dout)  # [B, H, N]
+    scales = dict(sm_scale=a.sm_scale, sm_scale_lo=a.sm_scale_lo)
+    rows = dict(**_strides("do", dout), **_strides("l", lse, "bhn"), **_strides("de", delta, "bhn"))
+
+    # global rows (dense path): their dq, and their share of dk/dv
+    dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk_in = dv_in = None
+    if a.g > 0:
+        dq_g, dk_g, dv_g = _dense_bwd(dout, q, k, v, out, lse, a.g, causal, a.scale, key_valid)
+        dq[:, :, :a.g] = dq_g
+        dk[:, :, :a.g] = dk_g[:, :, :a.g]
+        dv[:, :, :a.g] = dv_g[:, :, :a.g]
+        if not causal:  # non-causal global rows also see every non-global key
+            dk_in, dv_in = dk_g, dv_g
+
+    def grid_q(meta):
+        return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), h, b)
+
+    _lsg_bwd_dq_kernel[grid_q](
+        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, DO=dout, LSE=lse, DELTA=delta, DQ=dq,
+        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kc", kc), **_strides("vc", vc),
+        stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **_strides("km", km, "bn"),
+        **rows, **_strides("dq", dq), heads_per_kv=h // a.h_kv, **a.sparse, **a.common, **scales,
+        HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, **_meta("dq"),
+    )
+
+    # local keys: one program per key tile of an LSG block
+    dki = dk_in if dk_in is not None else dk
+    dvi = dv_in if dv_in is not None else dv
+
+    def grid_kv(meta):
+        return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_N"]), a.h_kv, b)
+
+    _lsg_bwd_dkdv_local_kernel[grid_kv](
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, KM=km, DKI=dki, DVI=dvi, DK=dk, DV=dv,
+        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("km", km, "bn"), **rows,
+        **_strides("dki", dki), **_strides("dvi", dvi), **_strides("dk", dk), **_strides("dv", dv),
+        heads_per_kv=h // a.h_kv, **scales, **a.common,
+        HAS_KMASK=key_valid is not None, HAS_DK_IN=dk_in is not None, **_meta("dkdv"),
+    )
+
+    # global keys: every non-global row sees them (padding keys excluded): the shared helper of
+    # the families with global tokens, on the rows [g, N) (rows split into chunks, partials summed)
+    if 0 < a.g < n:
+        sl = (slice(None), slice(None), slice(a.g, None))
+        gidx = torch.arange(a.g, device=q.device).expand(b, a.g)
+        if key_valid is not None:
+            gidx = torch.where(key_valid[:, :a.g], gidx, torch.full_like(gidx, -1))
+        rows_g = dict(**_strides("q", q[sl]), **_strides("k", k), **_strides("v", v), **_strides("do", dout[sl]),
+                      **_strides("l", lse[sl], "bhn"), **_strides("de", delta[sl], "bhn"),
+                      qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, HEAD_DIM=d, EXACT_SCALE=a.exact,
+                      USE_EXP2=a.use_exp2, **scales)
+        # add_global_key_grads' band covers slot indices up to (rows + 1): list at most N - g keys
+        # per call (one call unless g > N - g; the one-line fix in sliding_window.py makes it moot)
+        step = max(n - a.g, 1)
+        for j0 in range(0, a.g, step):
+            add_global_key_grads(dout[sl], q[sl], k, v, lse[sl], delta[sl], gidx[:, j0:j0 + step].contiguous(),
+                                 dk, dv, rows_g)
+
+    if not a.has_sparse:
+        return dq, dk, dv, None, None
+    # compressed keys: one program per tile of compressed keys
+    dkc = torch.empty(kc.shape, dtype=kc.dtype, device=kc.device)
+    dvc = torch.empty(vc.shape, dtype=vc.dtype, device=vc.device)
+
+    def grid_c(meta):
+        return (triton.cdiv(a.n_c, meta["BLOCK_N"]), a.h_c, b)
+
+    _lsg_bwd_dkdv_sparse_kernel[grid_c](
+        Q=q, KC=kc, VC=vc, SV=sv, DO=dout, LSE=lse, DELTA=delta, DKC=dkc, DVC=dvc,
+        **_strides("q", q), **_strides("kc", kc), **_strides("vc", vc),
+        stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **rows,
+        **_strides("dkc", dkc), **_strides("dvc", dvc), **a.sparse, **scales, **a.common, **_meta("dkdv"),
+    )
+    return dq, dk, dv, dkc, dvc
