@@ -26,13 +26,15 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
 
-# Everything else, only if missing (module name = package spec).
+# Everything else, only if missing (module name = package spec). find_spec, not import: the
+# lsg_converter package does not import on transformers 5 (the tests load its files one by one).
 missing=()
 for pair in triton:triton==3.9.0 numpy:numpy ninja:ninja pybind11:pybind11 pytest:pytest \
             transformers:transformers==5.23.0 lsg_converter:lsg-converter==0.1.9 \
             matplotlib:matplotlib tqdm:tqdm setuptools:setuptools; do
   mod=${pair%%:*}; spec=${pair#*:}
-  "$VPY" -c "import $mod" 2>/dev/null || missing+=("$spec")
+  "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$mod') is None)" 2>/dev/null \
+    || missing+=("$spec")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[run.sh] installing: ${missing[*]}"
