@@ -35,13 +35,32 @@ def global_indices(glob: Optional[Tensor]) -> Optional[Tensor]:
     ``G`` is the largest count over the batch; shorter rows are padded with -1
     (the "empty slot" of ``torch.ops.lhattn.gather_rows``).  Returns None when
     there is no global token at all.  One host synchronisation (for ``G``).
+    While ``torch.compile`` traces, the same list comes from the custom op
+    ``lhattn::global_indices`` (``G`` is then a data-dependent size and may be
+    0, never None), so that a graph with ``global_mask`` needs no break.
     """
     if glob is None:
         return None
+    if torch.compiler.is_compiling():
+        return torch.ops.lhattn.global_indices(glob)
+    idx = _global_indices(glob)
+    return idx if idx.shape[1] > 0 else None
+
+
+@torch.library.custom_op("lhattn::global_indices", mutates_args=())
+def _global_indices_op(glob: Tensor) -> Tensor:
+    return _global_indices(glob)
+
+
+@_global_indices_op.register_fake
+def _(glob: Tensor) -> Tensor:
+    g = torch.library.get_ctx().new_dynamic_size(max=glob.shape[1])
+    return glob.new_empty((glob.shape[0], g), dtype=torch.int64)
+
+
+def _global_indices(glob: Tensor) -> Tensor:
     counts = glob.sum(dim=1)
     g = int(counts.max()) if glob.numel() else 0
-    if g == 0:
-        return None
     n = glob.shape[1]
     pos = torch.arange(n, device=glob.device).expand_as(glob)
     # Sort global positions first (keys 0..n-1), others after (n..2n-1), keep the first g.

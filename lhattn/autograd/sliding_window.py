@@ -54,6 +54,8 @@ def _attn_fwd(
     query_mask: Optional[Tensor], key_mask: Optional[Tensor], global_keys: Optional[Tensor],
     left: int, right: int, dilation: int, scale: float,
 ) -> Tuple[Tensor, Tensor]:
+    if q.shape[2] == 0:  # no query row (e.g. no global token in a compiled graph): launch nothing
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
     return sliding_window_fwd(q, k, v, window=_window(left, right), dilation=dilation, scale=scale,
                               query_mask=query_mask, key_mask=key_mask, global_keys=global_keys)
 
@@ -70,6 +72,8 @@ def _attn_bwd(
     key_mask: Optional[Tensor], global_keys: Optional[Tensor],
     left: int, right: int, dilation: int, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    if q.shape[2] == 0:
+        return q.new_empty(q.shape), torch.zeros_like(k), torch.zeros_like(v)
     return sliding_window_bwd(dout, q, k, v, out, lse, window=_window(left, right), dilation=dilation,
                               scale=scale, key_mask=key_mask, global_keys=global_keys)
 
