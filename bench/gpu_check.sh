@@ -8,11 +8,12 @@
 #   bench                  build, run the issue-7 GPU sweep (python -m bench --preset gpu-issue7) under a time budget
 #   bench-sliding_window   the same, one pattern only (also bench-lsg, bench-segment): more of that pattern fits
 #   demo                   build, run python -m bench.demo
+#   encoder                build, run python -m bench.encoder_layer (issue 6: TransformerEncoderLayer, stock vs lhattn)
 #   all                    build, tests, bench (needs more than one 9-minute device call: prefer the parts)
 #
 # Everything lands flat in OUTDIR, at most 8 files:
 #   env.txt  build.log  tests.log  bench.log  bench.json  bench.md  bench_time.png  bench_memory.png
-# (demo writes demo.log instead of the bench files).
+# (demo writes demo.log, encoder writes encoder.log + encoder_layer.json/.md, instead of the bench files).
 #
 # Time: every part stops itself before DEADLINE_S seconds (default 510) after the script started, so one
 # part fits a 9-minute call: the build takes what it takes, pytest gets the rest (minus 15 s), and the sweep
@@ -40,6 +41,13 @@ unset TRITON_INTERPRET  # the real GPU, not the interpreter
 
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
 say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*"; }
+
+encoder() {
+  local t=$(( $(left) - 10 ))
+  say "encoder layer (time limit ${t}s)"
+  timeout "$t" "$PY" -m bench.encoder_layer --device cuda --out "$OUT" > "$OUT/encoder.log" 2>&1
+  say "encoder rc=$?"
+}
 
 env_report() {
   {
@@ -143,8 +151,9 @@ case "$PART" in
   bench) build; bench all ;;
   bench-sliding_window|bench-lsg|bench-segment) build; bench "${PART#bench-}" ;;
   demo) build; demo ;;
+  encoder) build; encoder ;;
   all) build; tests; bench all ;;
-  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | all)"; exit 2 ;;
+  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | all)"; exit 2 ;;
 esac
 say "done; files in $OUT:"
 ls -la "$OUT"
