@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["visible_tokens", "global_indices", "segment_bounds"]
+__all__ = ["visible_tokens", "global_indices", "segment_bounds", "write_global_rows"]
 
 
 def visible_tokens(key_padding_mask: Optional[Tensor], global_mask: Optional[Tensor]):
@@ -67,6 +67,20 @@ def _global_indices(glob: Tensor) -> Tensor:
     key = torch.where(glob, pos, pos + n)
     idx = key.sort(dim=1).values[:, :g]
     return torch.where(idx < n, idx, torch.full_like(idx, -1))
+
+
+def write_global_rows(out: Tensor, lse: Tensor, gidx: Tensor, out_g: Tensor, lse_g: Tensor) -> tuple[Tensor, Tensor]:
+    """Put the global rows' results ``out_g [B, H, G, D]``, ``lse_g [B, H, G]`` at rows ``gidx``
+    of ``out`` / ``lse``, where the local pass left 0 / -inf.  Differentiable in ``out_g``."""
+    from . import _ops  # lazily: needs the compiled lhattn._C
+
+    n = out.shape[2]
+    out = out + _ops.scatter_add_rows(out_g, gidx[:, None, :], n)
+    # the -1 slots of gidx write to a spare column that is dropped
+    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
+    spare = torch.cat([lse, lse.new_full(lse.shape[:2] + (1,), float("-inf"))], dim=2)
+    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
+    return out, spare[:, :, :n]
 
 
 def segment_bounds(segment_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ from ..kernels._core import acc_dtype
 from ._common import kernel_unsupported_reason
 from ..kernels.segment import segment_bwd, segment_fwd
 from ..patterns import Segments
-from . import sliding_window as _sliding_window  # noqa: F401  (registers lhattn::sliding_window_attn_fwd)
+from .sliding_window import attend_global_rows
 
 __all__ = ["segment_attention", "segment_unsupported_reason", "impl", "reason"]
 
@@ -107,24 +107,6 @@ _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-def _attend_global_rows(out: Tensor, lse: Tensor, gidx: Tensor, valid: Optional[Tensor], q: Tensor, k: Tensor,
-                        v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Fill the rows ``gidx`` of ``(out, lse)`` -- 0 / -inf after the local pass -- with
-    full attention of those rows over every valid key (the sliding-window family's dense op)."""
-    from .. import _ops  # lazily: needs the compiled lhattn._C, which the local pass does not
-
-    n = q.shape[2]
-    index = gidx[:, None, :]  # [B, 1, G], the same rows for every head
-    q_rows = _ops.gather_rows(q, index)  # [B, H, G, D]
-    out_g, lse_g = torch.ops.lhattn.sliding_window_attn_fwd(q_rows, k, v, gidx >= 0, valid, None, -1, -1, 1, scale)
-    out = out + _ops.scatter_add_rows(out_g, index, n)
-    # lse: write the global rows; the -1 slots go to a spare column that is dropped
-    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
-    spare = torch.cat([lse, lse.new_full(lse.shape[:2] + (1,), float("-inf"))], dim=2)
-    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
-    return out, spare[:, :, :n]
-
-
 def segment_attention(
     q: Tensor,
     k: Tensor,
@@ -156,7 +138,7 @@ def segment_attention(
     if gidx is None:
         return out, lse
     # global rows (left at 0 / -inf above): every valid key
-    return _attend_global_rows(out, lse, gidx, valid, q, k, v, scale)
+    return attend_global_rows(out, lse, gidx, valid, q, k, v, scale=scale)
 
 
 impl = segment_attention

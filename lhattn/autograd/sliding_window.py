@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._index import global_indices, visible_tokens
+from .._index import global_indices, visible_tokens, write_global_rows
 from ..kernels._core import acc_dtype
 from ._common import kernel_unsupported_reason
 from ..kernels.sliding_window import sliding_window_bwd, sliding_window_fwd
@@ -131,17 +131,18 @@ def sliding_window_attention(
                                                         pattern.dilation, scale)
     if gidx is None:
         return out, lse
-    from .. import _ops
-
     # global rows (left at 0 / -inf above): every valid key, through the global projections
-    qg, kg, vg = global_qkv if global_qkv is not None else (q, k, v)
-    index = gidx[:, None, :]  # [B, 1, G], the same rows for every head
-    q_rows = _ops.gather_rows(qg, index)  # [B, H, G, D]
-    out_g, lse_g = torch.ops.lhattn.sliding_window_attn_fwd(q_rows, kg, vg, gidx >= 0, valid, None, -1, -1, 1,
+    return attend_global_rows(out, lse, gidx, valid, *(global_qkv if global_qkv is not None else (q, k, v)),
+                              scale=scale)
+
+
+def attend_global_rows(out: Tensor, lse: Tensor, gidx: Tensor, valid: Optional[Tensor], q: Tensor, k: Tensor,
+                       v: Tensor, *, scale: float) -> Tuple[Tensor, Tensor]:
+    """Fill the rows ``gidx [B, G]`` of ``(out, lse)`` -- 0 / -inf after a local pass -- with full
+    attention of those rows of ``q`` over every valid key of ``k, v`` (the dense op, window None)."""
+    from .. import _ops  # lazily: needs the compiled lhattn._C
+
+    q_rows = _ops.gather_rows(q, gidx[:, None, :])  # [B, H, G, D]
+    out_g, lse_g = torch.ops.lhattn.sliding_window_attn_fwd(q_rows, k, v, gidx >= 0, valid, None, -1, -1, 1,
                                                             scale)
-    out = out + _ops.scatter_add_rows(out_g, index, n)
-    # lse: write the global rows; the -1 slots go to a spare column that is dropped
-    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
-    spare = torch.cat([lse, lse.new_full(lse.shape[:2] + (1,), float("-inf"))], dim=2)
-    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
-    return out, spare[:, :, :n]
+    return write_global_rows(out, lse, gidx, out_g, lse_g)

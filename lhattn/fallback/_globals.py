@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._index import write_global_rows
 from .engine import KeyBlock, QueryBlock, blocked_attention
 
 __all__ = ["global_key_block", "attend_with_global_rows"]
@@ -58,9 +59,4 @@ def attend_with_global_rows(
     index = gidx[:, None, :]  # [B, 1, G]: the same rows for every head
     q_rows = _ops.gather_rows(q, index)
     out_g, lse_g = blocked_attention(q_rows, [(k, v)], _AllKeysPlan(gidx, valid, n), scale)
-    out = out + _ops.scatter_add_rows(out_g, index, n)
-    # lse: write the global rows (the -1 slots go to a spare column that is dropped).
-    safe = torch.where(gidx >= 0, gidx, torch.full_like(gidx, n))
-    spare = torch.cat([lse, lse.new_empty(lse.shape[:2] + (1,))], dim=2)
-    spare = spare.scatter(2, safe[:, None, :].expand(-1, lse.shape[1], -1), lse_g)
-    return out, spare[:, :, :n]
+    return write_global_rows(out, lse, gidx, out_g, lse_g)
