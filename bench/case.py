@@ -27,6 +27,11 @@ caches, the saved forward of ``bwd``):
 * ``bwd``: not reported (its peak is that of ``fwd+bwd``, whose backward needs the forward's
   saved tensors anyway).
 
+Out of memory: on CUDA the allocator's ``OutOfMemoryError``; on CPU the case subprocess runs under
+a hard limit on its data segment (``RLIMIT_DATA`` = ``--mem-cap-gib``, which covers every heap and
+anonymous mapping), so a provider that needs more gets a real allocation failure -- recorded as
+``oom`` with the allocator's message -- instead of swapping the machine or waking the OOM killer.
+
 ``python -m bench.case`` reads a JSON spec on stdin and prints one ``BENCH_RESULT {json}``
 line per mode as it finishes, so a crash keeps the modes already measured.
 """
@@ -103,7 +108,8 @@ def _classify(exc: BaseException):
     low = msg.lower()
     if isinstance(exc, Skip):
         return "skipped", str(exc)
-    if isinstance(exc, MemoryError) or "out of memory" in low or type(exc).__name__ == "OutOfMemoryError":
+    if (isinstance(exc, MemoryError) or "out of memory" in low or "can't allocate memory" in low
+            or type(exc).__name__ == "OutOfMemoryError"):
         return "oom", msg
     if isinstance(exc, (NotImplementedError, ImportError)) or "no available kernel" in low:
         return "skipped", msg
@@ -285,8 +291,18 @@ def measure_mode(w: Workload, provider: str, mode: str, timing: Timing, memory: 
     return res
 
 
+def limit_memory(nbytes: int) -> None:
+    """Cap this process's data segment (heap + anonymous mappings) at ``nbytes``: an allocation
+    beyond it fails with an error the case records as ``oom``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        nbytes = min(nbytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (nbytes, hard))
+
+
 def measure(spec: dict) -> Iterator[dict]:
-    """Every mode of one case, in MODE_ORDER; ``spec = {workload, provider, modes, timing, memory, check}``."""
+    """Every mode of one case, in MODE_ORDER; ``spec = {workload, provider, modes, timing, memory, check}``
+    (+ ``mem_limit_bytes``, applied by :func:`main`)."""
     w = Workload(**spec["workload"])
     timing = Timing(**spec.get("timing", {}))
     for mode in MODE_ORDER:
@@ -299,6 +315,8 @@ def main() -> None:
     spec = json.loads(sys.stdin.read())
     if spec.get("memory") and not rss_supported():
         spec["memory"] = False
+    if spec.get("mem_limit_bytes"):
+        limit_memory(int(spec["mem_limit_bytes"]))
     for res in measure(spec):
         print(RESULT_PREFIX + json.dumps(res), flush=True)
 

@@ -28,18 +28,23 @@ def _ok(r: dict) -> bool:
 def ratios(results: List[dict]) -> List[dict]:
     """Every lhattn provider against every peer of the same level (attention / module), per
     (group, n, mode): ``time_ratio = peer_ms / lhattn_ms`` (> 1: lhattn is faster) and
-    ``mem_ratio = peer_peak / lhattn_peak`` (> 1: lhattn needs less)."""
+    ``mem_ratio = peer_peak / lhattn_peak`` (> 1: lhattn needs less). A peer that ran out of
+    memory where lhattn ran gets a row with ``peer_status = "oom"`` and no ratios."""
     cells: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
     for r in results:
-        if _ok(r):
+        if _ok(r) or r.get("status") == "oom":
             cells[(r["group"], r["n"], r["mode"])][r["provider"]] = r
     out = []
     for (group, n, mode), provs in cells.items():
         for ln, lr in provs.items():
-            if lr["family"] != "lhattn" or ln == "lhattn-reference":  # the oracle is no contender
+            if lr["family"] != "lhattn" or ln == "lhattn-reference" or not _ok(lr):  # the oracle is no contender
                 continue
             for pn, pr in provs.items():
                 if pr["family"] != "peer" or pr["level"] != lr["level"]:
+                    continue
+                if not _ok(pr):
+                    out.append({"group": group, "n": n, "mode": mode, "lhattn": ln, "peer": pn,
+                                "time_ratio": None, "mem_ratio": None, "peer_status": pr["status"]})
                     continue
                 lm, pm = lr.get("peak_mem_bytes"), pr.get("peak_mem_bytes")
                 out.append({"group": group, "n": n, "mode": mode, "lhattn": ln, "peer": pn,
@@ -143,6 +148,10 @@ def markdown(data: dict) -> str:
                           "memory: peer MiB / lhattn MiB, > 1 = lhattn needs less):", "",
                       "| lhattn | peer | mode | n | time ratio | memory ratio |", "|---|---|---|---:|---:|---:|"]
             for d in grat:
+                if d.get("peer_status"):
+                    lines.append(f"| {d['lhattn']} | {d['peer']} | {d['mode']} | {d['n']} | "
+                                 f"peer {d['peer_status'].upper()} | peer {d['peer_status'].upper()} |")
+                    continue
                 lines.append(f"| {d['lhattn']} | {d['peer']} | {d['mode']} | {d['n']} | {d['time_ratio']:.3g} | "
                              f"{_fmt(d['mem_ratio'], '.3g')} |")
         gslo = [d for d in slo if d["group"] == group and d["points"] >= 2]

@@ -48,7 +48,7 @@ TIERS = (
     ("flex", "sdpa-efficient"),
     ("lhattn-reference", "sdpa-math"),
 )
-CPU_PROVIDERS = ["lhattn-fallback", "lhattn-reference", "sdpa-default", "flex", "hf-longformer", "lhattn-longformer"]
+CPU_PROVIDERS = ["lhattn-fallback", "lhattn-reference", "sdpa-default", "sdpa-math", "flex", "hf-longformer", "lhattn-longformer"]
 CUDA_PROVIDERS = ["lhattn-triton", "lhattn-fallback", "lhattn-reference", "sdpa-flash", "sdpa-efficient", "sdpa-math",
                   "flex", "hf-longformer", "lhattn-longformer"]
 GIB = 1024 ** 3
@@ -93,13 +93,15 @@ LSG_128 = {"block_size": 128, "sparsity_factor": 4, "sparsity_type": "norm", "nu
 def preset_cpu_issue7() -> List[Config]:
     """Issue 7's CPU numbers: fallback, fp32, B=1, H=8, D=64, window (256, 256).
     n = 4096: every CPU provider, all modes (HF LongformerSelfAttention included);
-    n = 8192 .. 32768: the fallback and dense SDPA, fwd and fwd+bwd (the slopes)."""
+    n = 8192 .. 32768: the fallback and dense SDPA (default kernel, and the math kernel that holds
+    the n×n scores), fwd and fwd+bwd (the slopes)."""
     common = dict(pattern="sliding_window", params=dict(SW_256), batch=1, heads=8, head_dim=64, dtype="fp32")
     return [
         Config("cpu-issue7-n4096", ns=[4096], modes=list(MODES),
-               providers=["lhattn-fallback", "sdpa-default", "hf-longformer", "lhattn-longformer", "flex"], **common),
+               providers=["lhattn-fallback", "sdpa-default", "sdpa-math", "hf-longformer", "lhattn-longformer",
+                          "flex"], **common),
         Config("cpu-issue7-sweep", ns=[8192, 16384, 32768], modes=["fwd", "fwd+bwd"],
-               providers=["lhattn-fallback", "sdpa-default"], **common),
+               providers=["lhattn-fallback", "sdpa-default", "sdpa-math"], **common),
     ]
 
 
@@ -176,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
     ap.add_argument("--max-op-s", type=float, default=None,
                     help="skip a case whose one run is predicted (from the previous n) to take longer")
-    ap.add_argument("--mem-cap-gib", type=float, default=None, help="skip cases estimated to need more")
+    ap.add_argument("--mem-cap-gib", type=float, default=None, help="memory cap (default: CUDA 95%% of the card, CPU 8). CPU with --memory: each case "
+                         "subprocess runs under this hard limit (RLIMIT_DATA) and a case that needs more is "
+                         "recorded as oom; otherwise cases estimated to need more are skipped")
     ap.add_argument("--memory", choices=["auto", "on", "off"], default="auto",
                     help="on: measure peak memory (CPU: one fresh subprocess per case); off: timings only, "
                          "in-process; auto (default): on, except with --quick")
@@ -344,7 +348,7 @@ class Sweep:
         if lim is not None and w.n > lim:
             return "skipped", f"not run: n > {lim}, the largest n this sweep runs {provider} at"
         est = estimated_bytes(provider, w, mode)
-        if est > self.mem_cap:
+        if est > self.mem_cap and not self.subprocess:  # a CPU subprocess runs it under a hard limit instead
             return "skipped", (f"not run: estimated {est / GIB:.1f} GiB (n×n scores) > cap "
                                f"{self.mem_cap / GIB:.1f} GiB (--mem-cap-gib)")
         prev = self._prior(cfg, provider, mode, w.n)
@@ -455,7 +459,8 @@ class Sweep:
                 check = n <= self.check_max_n
                 if self.subprocess:
                     spec = {"workload": w.to_dict(), "provider": provider, "modes": todo,
-                            "timing": asdict(self.timing), "memory": self.memory, "check": check}
+                            "timing": asdict(self.timing), "memory": self.memory, "check": check,
+                            "mem_limit_bytes": int(self.mem_cap)}
                     got = self._run_subprocess(spec)
                 else:
                     got = [measure_mode(w, provider, mode, self.timing, self.memory, check) for mode in todo]
