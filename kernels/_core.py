@@ -23,6 +23,16 @@ Conventions
 * Accumulation dtype: float32, or float64 for float64 inputs.
 * A row that sees no key has ``l == 0``: its output is 0 and its lse ``-inf``.  In the
   backward its lse is read as ``+inf`` so that ``p = exp(s - lse) = 0`` everywhere.
+* Attention dropout (``DROPOUT`` constexpr; the rule is :mod:`lhattn._dropout`'s, bit for
+  bit): the caller loads ``(seed, T)`` with :func:`dropout_load` and hands each helper the
+  32-bit *row keys* ``b_rk = dropout_row_keys(dropout_head_key(seed, b·H + h), row_pos)``;
+  the helpers hash each score's key *column* ``col_offset + key_pos`` into a keep bit.
+  Dropout acts on the probabilities only: ``l`` and ``lse`` are those of the undropped
+  softmax, the accumulated ``P V`` sees ``P ∘ keep``, and ``1 / (1 - p)`` is applied once
+  in :func:`attn_fwd_finalize`.  The backward uses ``dP' = keep ∘ dP / (1 - p)`` in
+  ``dS = P ∘ (dP' − delta)`` and ``dV += (P ∘ keep / (1 - p))ᵀ dO``; ``delta = rowsum(dO ∘ O)``
+  still holds for the dropped ``O``.  With ``DROPOUT`` False the extra arguments are unused
+  and the compiled code is unchanged.
 
 The jit helpers take already-offset base pointers (batch/head offsets applied in
 int64 by the caller) and the strides of the token and feature axes.
@@ -42,6 +52,7 @@ __all__ = [
     "cast_to", "block_range", "online_softmax_update", "attn_fwd_range", "attn_fwd_list", "attn_fwd_finalize",
     "attn_bwd_load_rows", "attn_bwd_dq_range", "attn_bwd_dq_list", "attn_bwd_dkdv_heads", "attn_bwd_dkdv_range",
     "bwd_preprocess", "merge_partials", "sum_partial_rows",
+    "mix32", "dropout_load", "dropout_head_key", "dropout_row_keys", "dropout_keep", "dropout_scale",
 ]
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -164,19 +175,75 @@ def _band(o_i, o_j, before, after):
 
 
 # --------------------------------------------------------------------------------------
+# attention dropout (lhattn._dropout's rule; all arithmetic on uint32, modulo 2**32)
+# --------------------------------------------------------------------------------------
+
+_MIX_MUL1: tl.constexpr = tl.constexpr(0x7FEB352D)
+_MIX_MUL2: tl.constexpr = tl.constexpr(0x846CA68B)
+
+
+def dropout_scale(p: float, dtype: torch.dtype) -> tuple[float, float]:
+    """``1 / (1 - p)`` as kernel arguments ``(hi, lo)`` (see :func:`split_scale`: exact for
+    float64 via a float32 pair, plain float32 otherwise)."""
+    inv = 1.0 / (1.0 - p)
+    if dtype == torch.float64:
+        hi = float(torch.tensor(inv, dtype=torch.float32))
+        return hi, float(torch.tensor(inv - hi, dtype=torch.float32))
+    return inv, 0.0
+
+
+@triton.jit
+def mix32(x):
+    """The 32-bit finaliser of :func:`lhattn._dropout.mix32` on a uint32 tensor."""
+    x = x ^ (x >> 16)
+    x = x * tl.cast(_MIX_MUL1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.cast(_MIX_MUL2, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_load(p_drop):
+    """``(seed, T)`` as uint32 scalars from the dropout state (int64 ``[2]``)."""
+    return tl.load(p_drop).to(tl.uint32), tl.load(p_drop + 1).to(tl.uint32)
+
+
+@triton.jit
+def dropout_head_key(seed, i_bh):
+    """``K = mix32(mix32(b·H + h) ^ seed)`` for ``i_bh = b·H + h`` (query heads)."""
+    return mix32(mix32(i_bh.to(tl.uint32)) ^ seed)
+
+
+@triton.jit
+def dropout_row_keys(k_bh, o_pos):
+    """``R = mix32(K ^ i)`` for the query token positions ``o_pos [BM]``."""
+    return mix32(k_bh ^ o_pos.to(tl.uint32))
+
+
+@triton.jit
+def dropout_keep(b_rk, o_col, thresh):
+    """``[BM, BN]`` bool: entry (row with key ``b_rk [BM]``, key column ``o_col [BN]``) is kept."""
+    return mix32(b_rk[:, None] ^ o_col.to(tl.uint32)[None, :]) >= thresh
+
+
+# --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
 
 
 @triton.jit
-def online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2: tl.constexpr):
+def online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2: tl.constexpr, b_keep=None,
+                          DROPOUT: tl.constexpr = False):
     """One online-softmax step: fold scores ``b_s [BM, BN]`` (exp units, masked = -inf)
-    and values ``b_v [BN, D]`` into ``acc [BM, D]``, ``m_i [BM]``, ``l_i [BM]``."""
+    and values ``b_v [BN, D]`` into ``acc [BM, D]``, ``m_i [BM]``, ``l_i [BM]``.
+    ``DROPOUT``: only the entries where ``b_keep`` is True reach ``acc`` (``l_i`` counts all)."""
     m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing stays finite
     b_p = _exp(b_s - m_use[:, None], USE_EXP2)  # [BM, BN]
     alpha = _exp(m_i - m_use, USE_EXP2)  # [BM]
     l_i = l_i * alpha + tl.sum(b_p, 1)
+    if DROPOUT:
+        b_p = tl.where(b_keep, b_p, 0.0)
     acc = _mm(cast_to(b_p, b_v.dtype), b_v, acc * alpha[:, None])
     return acc, m_new, l_i
 
@@ -189,13 +256,15 @@ def attn_fwd_range(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False,
 ):
     """Attend query block ``b_q [BM, D]`` (indices ``o_i [BM]``) to the key indices
     ``[j_lo, j_hi)``, ``BLOCK_N`` at a time.  Key index ``j`` lives at position
     ``pos_offset + j * pos_step``.  ``MASKED``: apply the band and ``[k_begin, k_end)``
     masks (edge blocks); otherwise every key of every visited block is in range and
     in the band.  ``HAS_KEY_MASK``: ``p_km`` (uint8, position-indexed, nonzero =
-    visible) masks keys on every block.  Returns the updated ``(acc, m_i, l_i)``."""
+    visible) masks keys on every block.  ``DROPOUT``: row keys ``b_rk [BM]``, key column
+    ``col_offset + position``.  Returns the updated ``(acc, m_i, l_i)``."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)  # [BN]
         o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
@@ -215,7 +284,10 @@ def attn_fwd_range(
             else:
                 m_k = tl.load(p_km + o_pos * stride_kmn) != 0
             b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2)
+        b_keep = None
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
     return acc, m_i, l_i
 
 
@@ -225,9 +297,11 @@ def attn_fwd_list(
     p_idx, stride_idx, n_idx, p_k, p_v, stride_kn, stride_vn, o_kd, o_vd,
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False,
 ):
     """Attend ``b_q [BM, D]`` to the keys at the positions listed in ``p_idx[:n_idx]``
-    (int64, negative = empty slot); every row sees every listed key."""
+    (int64, negative = empty slot); every row sees every listed key.  ``DROPOUT``: as
+    :func:`attn_fwd_range` (key column ``col_offset + listed position``)."""
     for g0 in range(0, n_idx, BLOCK_N):
         o_g = g0 + tl.arange(0, BLOCK_N)  # [BN]
         b_idx = tl.load(p_idx + o_g * stride_idx, mask=o_g < n_idx, other=-1)
@@ -237,17 +311,25 @@ def attn_fwd_list(
         b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_g[:, None], other=0.0)
         b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
         b_s = tl.where(m_g[None, :], b_s, float("-inf"))  # [BM, BN]
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2)
+        b_keep = None
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
     return acc, m_i, l_i
 
 
 @triton.jit
-def attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2: tl.constexpr):
+def attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2: tl.constexpr, drop_scale=1.0, drop_scale_lo=0.0,
+                      EXACT_SCALE: tl.constexpr = False, DROPOUT: tl.constexpr = False):
     """``(out [BM, D], lse [BM])`` from the running state; rows with ``m_row`` False
-    or no key seen get ``out = 0`` and ``lse = -inf``.  lse in natural-log units."""
+    or no key seen get ``out = 0`` and ``lse = -inf``.  lse in natural-log units.
+    ``DROPOUT``: ``out`` is scaled by ``1 / (1 - p) = drop_scale (+ drop_scale_lo)``."""
     m_ok = m_row & (l_i > 0)
     l_safe = tl.where(m_ok, l_i, 1.0)
-    b_o = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
+    b_o = acc / l_safe[:, None]
+    if DROPOUT:
+        b_o = _scale(b_o, drop_scale, drop_scale_lo, EXACT_SCALE)
+    b_o = tl.where(m_ok[:, None], b_o, 0.0)
     if USE_EXP2:
         b_lse = (m_i + tl.math.log2(l_safe)) * LN2
     else:
@@ -286,10 +368,11 @@ def attn_bwd_dq_range(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
 ):
     """``dq += dS k`` over key indices ``[j_lo, j_hi)`` (same addressing and masks as
     :func:`attn_fwd_range`); ``dS = P ∘ (dP − delta)``, the softmax scale is applied by
-    the caller once at the end."""
+    the caller once at the end.  ``DROPOUT``: ``dP`` becomes ``keep ∘ dP / (1 - p)``."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
@@ -311,6 +394,9 @@ def attn_bwd_dq_range(
             b_s = tl.where(m_k[None, :], b_s, float("-inf"))
         b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
         b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+            b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
     return b_dq
@@ -322,8 +408,10 @@ def attn_bwd_dq_list(
     p_idx, stride_idx, n_idx, p_k, p_v, stride_kn, stride_vn, o_kd, o_vd,
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
 ):
-    """``dq += dS k`` over the listed keys (see :func:`attn_fwd_list`)."""
+    """``dq += dS k`` over the listed keys (see :func:`attn_fwd_list`; dropout as
+    :func:`attn_bwd_dq_range`)."""
     for g0 in range(0, n_idx, BLOCK_N):
         o_g = g0 + tl.arange(0, BLOCK_N)
         b_idx = tl.load(p_idx + o_g * stride_idx, mask=o_g < n_idx, other=-1)
@@ -335,6 +423,9 @@ def attn_bwd_dq_list(
         b_s = tl.where(m_g[None, :], b_s, float("-inf"))
         b_p = _exp(b_s - b_lse[:, None], USE_EXP2)
         b_dp = _mm(b_do, tl.trans(b_v), None)
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+            b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
     return b_dq
@@ -348,6 +439,8 @@ def attn_bwd_dkdv_heads(
     i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after,
     qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False,
 ):
     """``dv += Pᵀ dO`` and ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]``
     (key indices ``o_j [BN]``) over the query indices ``[i_lo, i_hi)``, ``BLOCK_M`` at a
@@ -358,7 +451,12 @@ def attn_bwd_dkdv_heads(
     and ``[r_begin, r_end)``.  Keys the forward did not see must be zeroed by the caller
     (each key's rows of dk/dv depend on that key's column only).  Works transposed
     (``[BN, BM]`` tiles) so no transpose of the accumulators is needed.  Heads and row
-    blocks share one flat loop: a nested head loop costs registers (spills at D=128)."""
+    blocks share one flat loop: a nested head loop costs registers (spills at D=128).
+    ``DROPOUT``: the keys' columns are ``b_kcol [BN]``; query head ``h`` of this batch row has
+    ``b·H + h = drop_bh0 + h`` (row keys are rebuilt per head from ``drop_seed``);
+    ``dv += (P ∘ keep / (1 - p))ᵀ dO`` and ``dP' = keep ∘ dP / (1 - p)``.  A query's token
+    position is its position ``pos_offset + i * pos_step``, or with ``DROP_ROWS`` the int64
+    ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows)."""
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
@@ -382,8 +480,19 @@ def attn_bwd_dkdv_heads(
             # row i sees j  <=>  j - after <= i <= j + before
             b_st = tl.where(m_i[None, :] & _band(o_j, o_i, after, before), b_st, float("-inf"))
         b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
-        b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
         b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
+        if DROPOUT:
+            if DROP_ROWS:
+                o_tok = tl.load(p_drow + o_i, mask=(o_i >= r_begin) & (o_i < r_end), other=0)
+            else:
+                o_tok = o_pos
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_tok)  # [BM]
+            b_keep_t = mix32(b_kcol.to(tl.uint32)[:, None] ^ b_rk[None, :]) >= drop_thresh  # [BN, BM]
+            b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+            b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
+            b_dpt = tl.where(b_keep_t, _scale(b_dpt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+        else:
+            b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
     return b_dk, b_dv
@@ -396,15 +505,18 @@ def attn_bwd_dkdv_range(
     i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after,
     qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_kcol=0, drop_seed=0, drop_bh=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False,
 ):
     """:func:`attn_bwd_dkdv_heads` for one query head (``p_q, p_do, p_lse, p_delta``
-    already point at it).  Prefer the multi-head form over a loop of heads around this:
-    a nested head loop spills registers at D = 128."""
+    already point at it; ``drop_bh = b·H + h`` of that head).  Prefer the multi-head form
+    over a loop of heads around this: a nested head loop spills registers at D = 128."""
     return attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, 0, 1, 0, 0, 0, 0,
         stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
         i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
-        BLOCK_M, MASKED, EXACT_SCALE, USE_EXP2)
+        BLOCK_M, MASKED, EXACT_SCALE, USE_EXP2,
+        b_kcol, drop_seed, drop_bh, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
 
 
 # --------------------------------------------------------------------------------------

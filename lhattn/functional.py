@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _dropout
 from . import _validation as V
 from .patterns import LSG, Pattern, Segments, SlidingWindow
 
@@ -102,6 +103,8 @@ def attention(
     global_qkv: Optional[Sequence[Tensor]] = None,
     segment_ids: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Union[None, int, Tensor] = None,
     backend: str = "auto",
     return_lse: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
@@ -120,6 +123,13 @@ def attention(
             by the global rows (SlidingWindow only; HF Longformer's ``*_global``).
         segment_ids: ``[B, N]`` integer, non-decreasing (Segments without ``segment_size``).
         scale: softmax scale, default ``D ** -0.5``.
+        dropout_p: attention dropout on the probabilities (after the softmax), in ``[0, 1)``;
+            kept weights are scaled by ``1 / (1 - p)``.  Applied whenever it is > 0 (this
+            function has no train/eval mode: pass ``p if module.training else 0.0``).
+        dropout_seed: which entries are dropped is a pure function of this seed and the
+            entry's (batch, head, query, key) -- the same in every backend, regenerated in the
+            backward (:mod:`lhattn._dropout`).  An int in ``[0, 2**32)``, a one-element
+            integer tensor, or None: drawn from torch's default generator.
         backend: ``"auto" | "triton" | "fallback" | "reference"`` (module docstring).
         return_lse: also return ``lse [B, H, N]`` (float32; float64 for float64 inputs;
             ``-inf`` on rows that see no key). lse carries no gradient.
@@ -133,7 +143,10 @@ def attention(
     V.check_token_mask("key_padding_mask", key_padding_mask, q)
     V.check_token_mask("global_mask", global_mask, q)
     V.check_scale(scale)
+    _dropout.check_dropout(dropout_p, dropout_seed)
     kwargs = dict(key_padding_mask=key_padding_mask, scale=scale)
+    if dropout_p > 0.0:
+        kwargs.update(dropout_p=float(dropout_p), dropout_state=_dropout.make_state(dropout_p, dropout_seed, q.device))
     if isinstance(pattern, SlidingWindow):
         if segment_ids is not None:
             raise ValueError("segment_ids is only meaningful for the Segments pattern, got it with SlidingWindow")
@@ -170,14 +183,16 @@ def sliding_window_attention(
     global_mask: Optional[Tensor] = None,
     global_qkv: Optional[Sequence[Tensor]] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Union[None, int, Tensor] = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
     """Longformer attention: query i sees keys ``i + m·dilation`` for ``-left <= m <= right``
     (inclusive), plus global keys; global queries see every key.  See :func:`attention`."""
     return attention(q, k, v, SlidingWindow(window, dilation, causal), key_padding_mask=key_padding_mask,
-                     global_mask=global_mask, global_qkv=global_qkv, scale=scale, backend=backend,
-                     return_lse=return_lse)
+                     global_mask=global_mask, global_qkv=global_qkv, scale=scale, dropout_p=dropout_p,
+                     dropout_seed=dropout_seed, backend=backend, return_lse=return_lse)
 
 
 def lsg_attention(
@@ -196,6 +211,8 @@ def lsg_attention(
     global_layout: str = "inline",
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Union[None, int, Tensor] = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
@@ -205,8 +222,8 @@ def lsg_attention(
     pattern = LSG(block_size=block_size, sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
                   sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, causal=causal,
                   lsh_num_pre_rounds=lsh_num_pre_rounds, seed=seed, global_layout=global_layout)
-    return attention(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, backend=backend,
-                     return_lse=return_lse)
+    return attention(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                     dropout_seed=dropout_seed, backend=backend, return_lse=return_lse)
 
 
 def segment_attention(
@@ -219,10 +236,13 @@ def segment_attention(
     key_padding_mask: Optional[Tensor] = None,
     global_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Union[None, int, Tensor] = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
     """HAT segment-local attention: query i sees the keys of its own segment (fixed
     ``segment_size`` or ``segment_ids [B, N]``) plus global keys.  See :func:`attention`."""
     return attention(q, k, v, Segments(segment_size), key_padding_mask=key_padding_mask, global_mask=global_mask,
-                     segment_ids=segment_ids, scale=scale, backend=backend, return_lse=return_lse)
+                     segment_ids=segment_ids, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                     backend=backend, return_lse=return_lse)

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _dropout
 from ..patterns import LSG
 from ..selection import select_sparse
 from .core import masked_attention, repeat_kv
@@ -90,8 +91,11 @@ def lsg_attention(
     *,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference LSG attention (module docstring): keys ``[k ; compressed k]`` under one mask.
+    Attention dropout (``dropout_state``, :mod:`lhattn._dropout`) uses the columns of that matrix.
 
     q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D]``; key_padding_mask: ``[B, N]`` bool, True =
     padding.  Returns ``out [B, H, N, D]`` (q's dtype) and ``lse [B, H, N]`` (float32; float64
@@ -107,8 +111,10 @@ def lsg_attention(
     sparse = None
     if n - pattern.block_offset > 2 * pattern.block_size:
         sparse = select_sparse(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, impl="torch")
+    pos = torch.arange(n, device=q.device)
     if sparse is None:
-        return masked_attention(q, k, v, mask, scale)
+        keep = _dropout.keep_mask(dropout_state, bsz, h, pos, pos) if dropout_p > 0.0 else None
+        return masked_attention(q, k, v, mask, scale, dropout_p, keep)
     kc, vc = sparse.k, sparse.v
     if kc.shape[1] != k.shape[1]:  # bos_pooling under GQA: compressed keys per query head
         k, v = repeat_kv(k, h), repeat_kv(v, h)
@@ -116,4 +122,8 @@ def lsg_attention(
     mask = torch.cat([mask.expand(-1, smask.shape[1], -1, -1), smask], dim=-1)  # [B, 1|H_kv|H, N, N+Tc]
     if mask.shape[1] not in (1, h):
         mask = repeat_kv(mask, h)
-    return masked_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), mask, scale)
+    keep = None
+    if dropout_p > 0.0:
+        cols = torch.arange(n + kc.shape[2], device=q.device)
+        keep = _dropout.keep_mask(dropout_state, bsz, h, pos, cols)
+    return masked_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), mask, scale, dropout_p, keep)

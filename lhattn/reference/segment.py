@@ -30,6 +30,8 @@ def segment_attention(
     key_padding_mask: Optional[Tensor] = None,
     global_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference: query i sees key j iff ``seg[i] == seg[j]`` (plus globals). Returns ``(out, lse)``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -37,4 +39,4 @@ def segment_attention(
     seg = segment_ids_of(pattern, segment_ids, b, n, q.device)
     same = seg[:, :, None] == seg[:, None, :]
     return with_globals(q, k, v, same, key_padding_mask=key_padding_mask, global_mask=global_mask,
-                        global_qkv=None, scale=scale)
+                        global_qkv=None, scale=scale, dropout_p=dropout_p, dropout_state=dropout_state)
