@@ -3,9 +3,13 @@
     python -m bench.encoder_layer                    # CPU: n = 4k, 16k, 32k (stock cases capped)
     python -m bench.encoder_layer --device cuda      # GPU
     python -m bench.encoder_layer --n 4096 --out DIR
+    python -m bench.encoder_layer --dropout 0.1      # training as configured by default in torch
 
-Forward+backward of one layer (d_model 512, 8 heads, feed-forward 2048, dropout 0, batch first,
-B = 1) for three attention set-ups on the same weights and input:
+Forward+backward of one layer in training mode (d_model 512, 8 heads, feed-forward 2048, batch
+first, B = 1; dropout 0 unless ``--dropout``: then it acts on the attention weights -- inside
+SDPA for the stock layer, inside lhattn's kernels for the swapped one -- and on the residual
+branches, as in ``nn.TransformerEncoderLayer``) for three attention set-ups on the same weights
+and input:
 
 * ``stock-full``     torch's ``nn.MultiheadAttention``, no mask (dense O(n²));
 * ``stock-window``   the same with the equivalent sliding-window ``attn_mask`` ([n, n] bool, built
@@ -38,12 +42,12 @@ D_MODEL, HEADS, FF, WINDOW = 512, 8, 2048, 256
 PREFIX = "ENCODER_RESULT "
 
 
-def _layer(setup: str, n: int, device: str, dtype):
+def _layer(setup: str, n: int, device: str, dtype, dropout: float = 0.0):
     import lhattn
     import lhattn.nn
 
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, dropout=0.0, batch_first=True,
+    layer = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, dropout=dropout, batch_first=True,
                                              device=device, dtype=dtype)
     mask = None
     if setup == "lhattn-window":
@@ -64,9 +68,9 @@ def _layer(setup: str, n: int, device: str, dtype):
     return run, reset, leaves
 
 
-def measure(setup: str, n: int, device: str, dtype_name: str) -> dict:
+def measure(setup: str, n: int, device: str, dtype_name: str, dropout: float = 0.0) -> dict:
     dtype = getattr(torch, dtype_name)
-    run, reset, leaves = _layer(setup, n, device, dtype)
+    run, reset, leaves = _layer(setup, n, device, dtype, dropout)
     if device == "cuda":
         res = _time_cuda(run, reset, leaves, Timing(), memory=True)
     else:
@@ -93,14 +97,15 @@ def _device_name(device: str) -> str:
     return "CPU"
 
 
-def _run_case(setup: str, n: int, device: str, dtype: str) -> dict:
+def _run_case(setup: str, n: int, device: str, dtype: str, dropout: float) -> dict:
     if device == "cuda":
         try:
-            return measure(setup, n, device, dtype)
+            return measure(setup, n, device, dtype, dropout)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             return {"setup": setup, "n": n, "status": "oom", "reason": str(e)[:200]}
-    cmd = [sys.executable, "-m", "bench.encoder_layer", "--one", setup, str(n), device, dtype]
+    cmd = [sys.executable, "-m", "bench.encoder_layer", "--one", setup, str(n), device, dtype, "--dropout",
+           str(dropout)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     for line in proc.stdout.splitlines():
         if line.startswith(PREFIX):
@@ -140,12 +145,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
     ap.add_argument("--mem-cap-gib", type=float, default=None,
                     help="skip stock cases predicted above this (default: 12 on CPU, 0.9 x GPU memory)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="the layer's dropout (attention weights and residuals)")
     ap.add_argument("--out", default=None, help="folder for encoder_layer.json / .md (default: print only)")
     ap.add_argument("--one", nargs=4, metavar=("SETUP", "N", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         setup, n, device, dtype = args.one
-        print(PREFIX + json.dumps(measure(setup, int(n), device, dtype)), flush=True)
+        print(PREFIX + json.dumps(measure(setup, int(n), device, dtype, args.dropout)), flush=True)
         return {}
 
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -168,14 +174,15 @@ def main(argv=None) -> dict:
                                        f"{cap / 2**30:.1f} GiB"})
             else:
                 t0 = time.perf_counter()
-                rows.append(_run_case(setup, n, args.device, dtype))
+                rows.append(_run_case(setup, n, args.device, dtype, args.dropout))
                 rows[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(rows[-1]), flush=True)
     import lhattn
     meta = {"device": _device_name(args.device), "dtype": dtype, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "lhattn": lhattn.__version__,
-            "layer": f"TransformerEncoderLayer(d_model={D_MODEL}, nhead={HEADS}, dim_feedforward={FF}, dropout=0, "
-                     f"batch_first=True), B=1, forward+backward", "window": [WINDOW, WINDOW],
+            "layer": f"TransformerEncoderLayer(d_model={D_MODEL}, nhead={HEADS}, dim_feedforward={FF}, "
+                     f"dropout={args.dropout:g}, batch_first=True), training mode, B=1, forward+backward",
+            "window": [WINDOW, WINDOW],
             "command": "python -m bench.encoder_layer " + " ".join(argv if argv is not None else sys.argv[1:])}
     table = _table(rows, ns)
     print(table)

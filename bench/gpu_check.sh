@@ -13,7 +13,8 @@
 #
 # Everything lands flat in OUTDIR, at most 8 files:
 #   env.txt  build.log  tests.log  bench.log  bench.json  bench.md  bench_time.png  bench_memory.png
-# (demo writes demo.log, encoder writes encoder.log + encoder_layer.json/.md, instead of the bench files).
+# (demo writes demo.log, encoder writes encoder.log + encoder_layer.json/.md and, with dropout 0.1,
+# encoder_dropout.log + dropout/encoder_layer.json/.md, instead of the bench files).
 #
 # Time: every part stops itself before DEADLINE_S seconds (default 510) after the script started, so one
 # part fits a 9-minute call: the build takes what it takes, pytest gets the rest (minus 15 s), and the sweep
@@ -47,6 +48,14 @@ encoder() {
   say "encoder layer (time limit ${t}s)"
   timeout "$t" "$PY" -m bench.encoder_layer --device cuda --out "$OUT" > "$OUT/encoder.log" 2>&1
   say "encoder rc=$?"
+  # training as torch configures it by default (dropout 0.1 on attention weights and residuals)
+  t=$(( $(left) - 10 ))
+  if [ "$t" -gt 60 ]; then
+    say "encoder layer, dropout 0.1 (time limit ${t}s)"
+    timeout "$t" "$PY" -m bench.encoder_layer --device cuda --n 4096,16384 --dropout 0.1 --out "$OUT/dropout" \
+      > "$OUT/encoder_dropout.log" 2>&1
+    say "encoder dropout rc=$?"
+  fi
 }
 
 env_report() {

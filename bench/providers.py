@@ -48,6 +48,7 @@ class Workload:
     * ``segment``: ``segment_size``
 
     ``num_global``: the first ``num_global`` tokens are global (sliding_window, segment).
+    ``dropout``: attention dropout p, as in training (a fresh mask every call).
     """
 
     pattern: str
@@ -60,6 +61,7 @@ class Workload:
     device: str
     num_global: int = 0
     seed: int = 0
+    dropout: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +140,7 @@ def _lhattn(w: Workload, grad: bool, backend: str) -> Prepared:
             raise Skip(f"lhattn {backend} backend has no {w.pattern} implementation yet ({exc})") from exc
 
     def forward():
-        return lhattn.attention(q, k, v, pattern, global_mask=gm, backend=backend)
+        return lhattn.attention(q, k, v, pattern, global_mask=gm, dropout_p=w.dropout, backend=backend)
     return Prepared(forward, [q, k, v] if grad else [], {"backend_used": backend})
 
 
@@ -167,18 +169,19 @@ def _sdpa(w: Workload, grad: bool, kernel: Optional[str]) -> Prepared:
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "math": SDPBackend.MATH}
 
+    p = w.dropout
     if kernel is None:
         def forward():
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
     else:
         chosen = backends[kernel]
 
         def forward():
             with sdpa_kernel([chosen]):
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         try:  # a backend this device/dtype lacks: recorded as skipped, with torch's reason
             with torch.no_grad(), sdpa_kernel([chosen]):
-                F.scaled_dot_product_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16])
+                F.scaled_dot_product_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], dropout_p=p)
         except RuntimeError as exc:
             raise Skip(f"sdpa-{kernel} is not available here: {' '.join(str(exc).split())[:200]}") from None
     return Prepared(forward, [q, k, v] if grad else [], {"sdpa_kernel": kernel or "default"})
@@ -259,6 +262,8 @@ def flex(w: Workload, grad: bool) -> Prepared:
         from torch.nn.attention.flex_attention import create_block_mask
     except ImportError as exc:
         raise Skip(f"torch.nn.attention.flex_attention is not available ({exc})") from exc
+    if w.dropout:
+        raise Skip("FlexAttention has no attention dropout")
     mask_mod = _flex_mask_mod(w)
     q, k, v = w.qkv(grad)
     block_mask = create_block_mask(mask_mod, None, None, w.n, w.n, device=w.device, _compile=w.device == "cuda")
@@ -286,10 +291,11 @@ def _hf_module(w: Workload, grad: bool):
     except ImportError as exc:
         raise Skip(f"transformers is not installed ({exc})") from exc
     cfg = LongformerConfig(hidden_size=w.heads * w.head_dim, num_attention_heads=w.heads, num_hidden_layers=1,
-                           attention_window=[2 * left], attention_probs_dropout_prob=0.0, intermediate_size=4,
+                           attention_window=[2 * left], attention_probs_dropout_prob=w.dropout, intermediate_size=4,
                            vocab_size=8, max_position_embeddings=8)
     torch.manual_seed(w.seed)
-    module = LongformerSelfAttention(cfg, layer_id=0).to(device=w.device, dtype=w.torch_dtype).eval()
+    module = LongformerSelfAttention(cfg, layer_id=0).to(device=w.device, dtype=w.torch_dtype)
+    module.train(w.dropout > 0)  # HF applies attention dropout in training mode only
     for p in module.parameters():
         p.requires_grad_(grad)
     hidden = w.randn((w.batch, w.n, w.heads * w.head_dim), 4, grad)

@@ -70,10 +70,11 @@ class Config:
     providers: List[str]
     num_global: int = 0
     max_n: Dict[str, int] = field(default_factory=dict)  # provider -> largest n it runs at
+    dropout: float = 0.0  # attention dropout (training); every provider that has it applies it
 
     def workload(self, n: int, device: str, seed: int) -> Workload:
         return Workload(self.pattern, self.params, self.batch, self.heads, self.head_dim, n, self.dtype, device,
-                        self.num_global, seed)
+                        self.num_global, seed, self.dropout)
 
     @property
     def group(self) -> str:
@@ -81,6 +82,7 @@ class Config:
         p = ",".join(f"{k}={v}" for k, v in self.params.items())
         p = p.replace(" ", "")
         g = f" g={self.num_global}" if self.num_global else ""
+        g += f" dropout={self.dropout:g}" if self.dropout else ""
         return f"{self.pattern}({p}) B={self.batch} H={self.heads} D={self.head_dim} {self.dtype}{g}"
 
 
@@ -120,6 +122,10 @@ def preset_gpu_issue7() -> List[Config]:
         for d in (64, 128):
             out.append(Config(f"seg{s}-d{d}", "segment", {"segment_size": s}, 4, 16, d, "bf16", [4096, 16384],
                               list(MODES), [p for p in CUDA_PROVIDERS if "longformer" not in p], max_n=dict(small)))
+    # training with attention dropout 0.1 (HF Longformer's default): the cost of the in-kernel dropout
+    out.append(Config("sw256-d64-dropout", "sliding_window", dict(SW_256), 4, 16, 64, "bf16", [4096, 16384],
+                      ["fwd+bwd"], ["lhattn-triton", "sdpa-flash", "sdpa-efficient", "hf-longformer",
+                                    "lhattn-longformer"], dropout=0.1))
     return out
 
 
@@ -170,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--head-dim", type=_ints, default=None, help="one or more, e.g. 64,128")
     ap.add_argument("--window", type=_ints, default=None, help="left,right (default 256,256)")
     ap.add_argument("--num-global", type=int, default=0, help="first tokens made global (sliding_window, segment)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="attention dropout p (training): lhattn, SDPA and HF Longformer apply it; FlexAttention "
+                         "has none and is skipped; outputs are then not checked against the reference")
     ap.add_argument("--lsg-block", type=int, default=None)
     ap.add_argument("--lsg-sparsity-factor", type=int, default=4)
     ap.add_argument("--lsg-sparsity-type", default="norm")
@@ -235,7 +244,7 @@ def _configs_from_args(args, device: str) -> List[Config]:
             provs = [p for p in providers if pat == "sliding_window" or "longformer" not in p]
             for d in dims:
                 out.append(Config(f"{tag}-d{d}", pat, params, batch, heads, d, dtype, sorted(ns), modes, provs,
-                                  0 if pat == "lsg" else args.num_global, dict(max_n)))
+                                  0 if pat == "lsg" else args.num_global, dict(max_n), args.dropout))
     return out
 
 

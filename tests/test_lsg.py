@@ -240,11 +240,11 @@ def test_fallback_plan_is_linear(monkeypatch):
     tiles = []
     real = fallback_module.blocked_attention
 
-    def spy(q, sources, plan, scale):
+    def spy(q, sources, plan, scale, dropout=None):
         for blk in plan.blocks():
             width = sum(kb.index.stop - kb.index.start for kb in blk.keys if kb is not None)
             tiles.append((blk.rows.start, blk.rows.stop - blk.rows.start, width))
-        return real(q, sources, plan, scale)
+        return real(q, sources, plan, scale, dropout)
 
     monkeypatch.setattr(fallback_module, "blocked_attention", spy)
     n, b, sb, g = 4096, 16, 8, 2

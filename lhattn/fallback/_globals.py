@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .._index import write_global_rows
-from .engine import KeyBlock, QueryBlock, blocked_attention
+from .engine import Dropout, KeyBlock, QueryBlock, blocked_attention
 
 __all__ = ["global_key_block", "attend_with_global_rows"]
 
@@ -47,9 +48,11 @@ def attend_with_global_rows(
     valid: Optional[Tensor],
     qkv: Sequence[Tensor],
     scale: float,
+    dropout: Optional[Dropout] = None,
 ) -> tuple[Tensor, Tensor]:
     """Replace the rows ``gidx`` of ``(out, lse)`` -- which the local pass left at
-    0 / -inf -- by full attention of those rows over every valid key."""
+    0 / -inf -- by full attention of those rows over every valid key.  ``dropout``: that of
+    the local pass (token keys); the gathered rows keep their token positions ``gidx``."""
     if gidx is None:
         return out, lse
     from .. import _ops
@@ -58,5 +61,6 @@ def attend_with_global_rows(
     n = q.shape[2]
     index = gidx[:, None, :]  # [B, 1, G]: the same rows for every head
     q_rows = _ops.gather_rows(q, index)
-    out_g, lse_g = blocked_attention(q_rows, [(k, v)], _AllKeysPlan(gidx, valid, n), scale)
+    rows_dropout = None if dropout is None else replace(dropout, row_pos=gidx)
+    out_g, lse_g = blocked_attention(q_rows, [(k, v)], _AllKeysPlan(gidx, valid, n), scale, rows_dropout)
     return write_global_rows(out, lse, gidx, out_g, lse_g)

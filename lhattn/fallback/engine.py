@@ -15,6 +15,17 @@ Shapes: ``q [B, H, N, D]``; each source ``k, v [B, H_kv, N_s, D]`` with
 ``h // (H // H_kv)``).  Outputs ``out [B, H, N, D]`` in q's dtype and
 ``lse [B, H, N]`` in float32 (float64 for float64 inputs); a row that sees no
 key gets ``out = 0`` and ``lse = -inf``.
+
+Attention dropout (the rule of :mod:`lhattn._dropout`) is switched on by passing a
+:class:`Dropout`.  The rule needs each entry's query token position and key column: row ``r``
+of q is token ``r`` unless ``Dropout.row_pos`` says otherwise (gathered rows, such as the
+global rows), and key ``j`` of source ``s`` -- its row index in that source -- has column
+``Dropout.col_offsets[s] + j`` (0 for token keys, ``N`` for LSG's compressed keys).  The keep
+bits are built one query block at a time (``[B, H, Bq, L]``, never ``N × w``): the forward
+zeroes the dropped probabilities before ``P V`` and scales each output row by ``1 / (1 - p)``
+once, while ``l`` and ``lse`` stay those of the undropped scores; the backward regenerates the
+same bits (``dV += (P∘keep)ᵀ dO / (1-p)``, ``dP' = keep∘(dO Vᵀ) / (1-p)``,
+``dS = P∘(dP' − rowsum(dO∘O))`` with the dropped ``O``).
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ from typing import Iterator, Optional, Protocol, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["KeyBlock", "QueryBlock", "Plan", "blocked_attention"]
+from .. import _dropout
+
+__all__ = ["KeyBlock", "QueryBlock", "Plan", "Dropout", "make_dropout", "blocked_attention"]
 
 
 @dataclass
@@ -54,6 +67,58 @@ class Plan(Protocol):
     def blocks(self) -> Iterator[QueryBlock]:
         """Yield the query blocks; called once in forward and once in backward."""
         ...
+
+
+@dataclass
+class Dropout:
+    """Attention dropout for :func:`blocked_attention` (the rule: :mod:`lhattn._dropout`).
+
+    p: the drop probability, in ``(0, 1)``.
+    state: the dropout state, int64 ``[2] = (seed, T)`` on q's device.
+    row_pos: int64 ``[B, N]``, the token position of each row of q (rows that see no key may
+        hold anything, e.g. the -1 of an empty global slot); None = row ``r`` is token ``r``.
+    col_offsets: one int per key source, the column of its row 0 (key ``j`` of source ``s`` has
+        column ``col_offsets[s] + j``); None = 0 for every source.
+    """
+
+    p: float
+    state: Tensor
+    row_pos: Optional[Tensor] = None
+    col_offsets: Optional[Sequence[int]] = None
+
+
+def make_dropout(p: float, state: Optional[Tensor], col_offsets: Optional[Sequence[int]] = None) -> Optional[Dropout]:
+    """The :class:`Dropout` of a pattern's ``dropout_p, dropout_state`` arguments; None when ``p == 0``."""
+    if p == 0.0:
+        return None
+    if state is None:
+        raise ValueError(f"dropout_p = {p} needs a dropout_state (lhattn._dropout.make_state), got None")
+    return Dropout(float(p), state, None, col_offsets)
+
+
+class _KeepBits:
+    """The keep bits of one query block in the engine's layout ``[B, H_kv, g, Bq, ΣL]`` (bool),
+    built afresh for each block: query head ``h = kv_head · g + i`` has the head key ``K[b, h]``."""
+
+    def __init__(self, drop: Dropout, q: Tensor, sources):
+        b, h = q.shape[:2]
+        self.drop, self.h_kv = drop, sources[0][0].shape[1]
+        self.k_bh = _dropout.head_keys(drop.state, b, h)  # [B, H]
+        self.lengths = [k.shape[2] for k, _ in sources]
+        self.offsets = drop.col_offsets if drop.col_offsets is not None else (0,) * len(sources)
+
+    def __call__(self, rows: slice, used) -> Tensor:
+        dev, pos = self.k_bh.device, self.drop.row_pos
+        pos = torch.arange(rows.start, rows.stop, device=dev) if pos is None else pos[:, rows]
+        r = _dropout.row_keys(self.k_bh, pos)  # [B, H, Bq]
+        parts = []
+        for i, kb in used:
+            idx = kb.index
+            cols = torch.arange(*idx.indices(self.lengths[i]), device=dev) if isinstance(idx, slice) else idx
+            parts.append(_dropout.keep(r, cols + self.offsets[i], self.drop.state))  # [B, H, Bq, L]
+        keep = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        b, h, bq, width = keep.shape
+        return keep.view(b, self.h_kv, h // self.h_kv, bq, width)
 
 
 def _select(x: Tensor, index: Union[slice, Tensor]) -> Tensor:
@@ -115,13 +180,14 @@ def _scores(qb: Tensor, ks: Sequence[Tensor], hidden: Sequence[Tensor], scale: f
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def _forward(q: Tensor, sources, plan: Plan, scale: float):
+def _forward(q: Tensor, sources, plan: Plan, scale: float, dropout: Optional[Dropout]):
     b, h, n, d = q.shape
     h_kv = sources[0][0].shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
     hidden = _Hidden(h, h_kv)
+    keep_bits = None if dropout is None else _KeepBits(dropout, q, sources)
     for blk in plan.blocks():
         used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
         if not used:
@@ -135,6 +201,8 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float):
         m = m.masked_fill_(torch.isinf(m), 0.0)  # rows that see nothing: keep exp() finite
         p = s.sub_(m).exp_()  # in place: s is not needed any more
         l = p.sum(dim=-1, keepdim=True)  # [B, Hkv, g, Bq, 1]; 0 for rows that see nothing
+        if keep_bits is not None:
+            p = p.mul_(keep_bits(blk.rows, used))  # dropped entries -> 0; l stays undropped
         p = p.to(q.dtype)
         o = None
         start = 0
@@ -145,13 +213,15 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float):
             o = ov if o is None else o.add_(ov)
             start = stop
         o = o.view(b, h_kv, h // h_kv, bq, d).div_(l.clamp(min=torch.finfo(acc).tiny))
+        if dropout is not None:
+            o = o.mul_(1.0 / (1.0 - dropout.p))
         m = m.add_(torch.log(l))  # log-sum-exp; -inf where l == 0
         out[:, :, blk.rows] = o.view(b, h, bq, d).to(q.dtype)
         lse[:, :, blk.rows] = m.reshape(b, h, bq)
     return out, lse
 
 
-def _backward(q, sources, plan, scale, out, lse, dout):
+def _backward(q, sources, plan, scale, dropout, out, lse, dout):
     b, h, n, d = q.shape
     h_kv = sources[0][0].shape[1]
     g = h // h_kv
@@ -159,8 +229,9 @@ def _backward(q, sources, plan, scale, out, lse, dout):
     dq = torch.zeros(b, h, n, d, dtype=acc, device=q.device)
     dkv = [(torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
            for k, v in sources]
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, N]
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # [B, H, N]; out is the dropped output
     hidden = _Hidden(h, h_kv)
+    keep_bits = None if dropout is None else _KeepBits(dropout, q, sources)
     for blk in plan.blocks():
         used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
         if not used:
@@ -175,15 +246,22 @@ def _backward(q, sources, plan, scale, out, lse, dout):
         dob = _group(dout[:, :, blk.rows], h_kv)  # [B, Hkv, g*Bq, D]
         db = delta[:, :, blk.rows].reshape(b, h_kv, g, bq, 1)
         qg = _group(qb, h_kv)
+        # dropout: 0 where dropped, 1 / (1 - p) where kept
+        weight = None if keep_bits is None else keep_bits(blk.rows, used).to(acc).mul_(1.0 / (1.0 - dropout.p))
         dqb = None
         start = 0
         for (i, kb), kk, vv in zip(used, ks, vs):
             stop = start + kk.shape[2]
             pb = p[..., start:stop]
+            pv = pb  # the weights that multiplied v
             dp = torch.matmul(dob, vv.transpose(-1, -2)).to(acc).view(b, h_kv, g, bq, -1)
-            ds = dp.sub_(db).mul_(pb).mul_(scale).reshape(b, h_kv, g * bq, -1)  # dS = P ∘ (dP − δ)
-            pb = pb.reshape(b, h_kv, g * bq, -1)
-            _add_rows(dkv[i][1], kb.index, torch.matmul(pb.to(q.dtype).transpose(-1, -2), dob).to(acc))
+            if weight is not None:
+                w = weight[..., start:stop]
+                pv = pb * w
+                dp = dp.mul_(w)  # dP' = keep ∘ dP / (1 - p)
+            ds = dp.sub_(db).mul_(pb).mul_(scale).reshape(b, h_kv, g * bq, -1)  # dS = P ∘ (dP' − δ)
+            pv = pv.reshape(b, h_kv, g * bq, -1)
+            _add_rows(dkv[i][1], kb.index, torch.matmul(pv.to(q.dtype).transpose(-1, -2), dob).to(acc))
             _add_rows(dkv[i][0], kb.index, torch.matmul(ds.to(q.dtype).transpose(-1, -2), qg).to(acc))
             dqk = torch.matmul(ds.to(q.dtype), kk).to(acc)
             dqb = dqk if dqb is None else dqb.add_(dqk)
@@ -197,11 +275,11 @@ def _backward(q, sources, plan, scale, out, lse, dout):
 
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, scale, q, *kv):
+    def forward(ctx, plan, scale, dropout, q, *kv):
         sources = list(zip(kv[0::2], kv[1::2]))
-        out, lse = _forward(q, sources, plan, scale)
+        out, lse = _forward(q, sources, plan, scale, dropout)
         ctx.save_for_backward(q, out, lse, *kv)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.dropout = plan, scale, dropout
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -211,15 +289,17 @@ class _BlockedAttention(torch.autograd.Function):
         sources = list(zip(kv[0::2], kv[1::2]))
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = _backward(q, sources, ctx.plan, ctx.scale, out, lse, dout)
-        return (None, None, *grads)
+        grads = _backward(q, sources, ctx.plan, ctx.scale, ctx.dropout, out, lse, dout)
+        return (None, None, None, *grads)
 
 
-def blocked_attention(q: Tensor, sources: Sequence[tuple], plan: Plan, scale: float) -> tuple[Tensor, Tensor]:
+def blocked_attention(q: Tensor, sources: Sequence[tuple], plan: Plan, scale: float,
+                      dropout: Optional[Dropout] = None) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` over the key sources, restricted to what ``plan`` allows.
 
-    q: ``[B, H, N, D]``; sources: ``[(k, v), ...]``, each ``[B, H_kv, N_s, D]``.
+    q: ``[B, H, N, D]``; sources: ``[(k, v), ...]``, each ``[B, H_kv, N_s, D]``; dropout:
+    attention dropout (:class:`Dropout`) or None.
     Differentiable in q and every k, v (first order).  Returns ``(out, lse)``.
     """
     flat = [t for kv in sources for t in kv]
-    return _BlockedAttention.apply(plan, float(scale), q, *flat)
+    return _BlockedAttention.apply(plan, float(scale), dropout, q, *flat)

@@ -9,6 +9,9 @@ then :func:`~lhattn.fallback.engine.blocked_attention` over four key sources, on
   ``[(t+2)·s, (t+2)·s + sb)``, clipped to ``[0, T_c)`` (the same tensors, passed twice);
 * global: ``k, v`` rows ``[0, g)``.
 
+Attention dropout uses the columns of the reference's ``[k ; compressed k]`` matrix: token
+position for the local and global keys, ``N + p`` for compressed key ``p``.
+
 Global rows (``i < g``) and short sequences (``N - o <= 2·b``) see every key, ``b`` rows at a time.
 """
 
@@ -22,7 +25,7 @@ from torch import Tensor
 from ..patterns import LSG
 from ..reference.core import repeat_kv
 from ..selection import SparseKV, select_sparse
-from .engine import KeyBlock, QueryBlock, blocked_attention
+from .engine import KeyBlock, QueryBlock, blocked_attention, make_dropout
 
 __all__ = ["lsg_attention"]
 
@@ -96,11 +99,14 @@ def lsg_attention(
     *,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`lhattn.reference.lsg.lsg_attention`; returns ``(out, lse)``.
 
     q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D]``; key_padding_mask: ``[B, N]`` bool, True =
-    padding.  ``out [B, H, N, D]`` in q's dtype, ``lse [B, H, N]`` float32 (float64 for float64).
+    padding; dropout_state: see :mod:`lhattn._dropout` (needed when ``dropout_p > 0``).
+    ``out [B, H, N, D]`` in q's dtype, ``lse [B, H, N]`` float32 (float64 for float64).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     h, n = q.shape[1], q.shape[2]
@@ -113,4 +119,5 @@ def lsg_attention(
         local = (repeat_kv(k, h), repeat_kv(v, h))
     comp = (sparse.k, sparse.v) if sparse is not None else local
     plan = _LSGPlan(pattern, n, valid, sparse, h, q.device)
-    return blocked_attention(q, [local, comp, comp, local], plan, scale)
+    dropout = make_dropout(dropout_p, dropout_state, col_offsets=(0, n, n, 0))
+    return blocked_attention(q, [local, comp, comp, local], plan, scale, dropout)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._index import global_indices, segment_bounds, visible_tokens
 from ..patterns import Segments
 from ._globals import attend_with_global_rows, global_key_block
-from .engine import KeyBlock, QueryBlock, blocked_attention
+from .engine import KeyBlock, QueryBlock, blocked_attention, make_dropout
 
 __all__ = ["segment_attention"]
 
@@ -86,8 +86,11 @@ def segment_attention(
     key_padding_mask: Optional[Tensor] = None,
     global_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as :func:`lhattn.reference.segment_attention`; returns ``(out, lse)``."""
+    """Same contract as :func:`lhattn.reference.segment_attention`; returns ``(out, lse)``.
+    ``dropout_state``: see :mod:`lhattn._dropout` (needed when ``dropout_p > 0``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     valid, glob, local = visible_tokens(key_padding_mask, global_mask)
     gidx = global_indices(glob)
@@ -96,5 +99,6 @@ def segment_attention(
     else:
         plan = _RaggedPlan(segment_ids, local, gidx)
     sources = [(k, v)] if gidx is None else [(k, v), (k, v)]
-    out, lse = blocked_attention(q, sources, plan, scale)
-    return attend_with_global_rows(out, lse, gidx, valid, (q, k, v), scale)
+    dropout = make_dropout(dropout_p, dropout_state)
+    out, lse = blocked_attention(q, sources, plan, scale, dropout)
+    return attend_with_global_rows(out, lse, gidx, valid, (q, k, v), scale, dropout)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._index import global_indices, visible_tokens
 from ..patterns import SlidingWindow
 from ._globals import attend_with_global_rows, global_key_block
-from .engine import KeyBlock, QueryBlock, blocked_attention
+from .engine import KeyBlock, QueryBlock, blocked_attention, make_dropout
 
 __all__ = ["sliding_window_attention"]
 
@@ -63,12 +63,16 @@ def sliding_window_attention(
     global_mask: Optional[Tensor] = None,
     global_qkv: Optional[Sequence[Tensor]] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as :func:`lhattn.reference.sliding_window_attention`; returns ``(out, lse)``."""
+    """Same contract as :func:`lhattn.reference.sliding_window_attention`; returns ``(out, lse)``.
+    ``dropout_state``: see :mod:`lhattn._dropout` (needed when ``dropout_p > 0``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     valid, glob, local = visible_tokens(key_padding_mask, global_mask)
     gidx = global_indices(glob)
     plan = _WindowPlan(pattern, q.shape[2], local, gidx, q.device)
     sources = [(k, v)] if gidx is None else [(k, v), (k, v)]
-    out, lse = blocked_attention(q, sources, plan, scale)
-    return attend_with_global_rows(out, lse, gidx, valid, global_qkv or (q, k, v), scale)
+    dropout = make_dropout(dropout_p, dropout_state)
+    out, lse = blocked_attention(q, sources, plan, scale, dropout)
+    return attend_with_global_rows(out, lse, gidx, valid, global_qkv or (q, k, v), scale, dropout)
