@@ -14,6 +14,8 @@ import torch
 import lhattn
 from lhattn.integrations.huggingface import is_patched, patch_longformer, unpatch_longformer
 
+from tolerance import assert_close_to_oracle
+
 transformers = pytest.importorskip("transformers")
 from transformers import LongformerConfig, LongformerForMaskedLM, LongformerModel  # noqa: E402
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
@@ -204,17 +206,133 @@ def test_output_attentions_raises():
         patched(input_ids=ids, attention_mask=mask, global_attention_mask=glob, output_attentions=True)
 
 
-def test_attention_dropout_in_training_raises_and_zero_dropout_trains():
-    ids, mask, glob = _inputs(1, 24, "cpu", padding=False)
-    _, patched = _models(LongformerModel, "cpu", "fallback", attention_probs_dropout_prob=0.1)
-    patched.train()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        patched(input_ids=ids, attention_mask=mask, global_attention_mask=glob)
-    patched.eval()  # eval: dropout is off, the patched model runs
-    patched(input_ids=ids, attention_mask=mask, global_attention_mask=glob)
-    _, patched = _models(LongformerModel, "cpu", "fallback", attention_probs_dropout_prob=0.0)
-    patched.train()
-    patched(input_ids=ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state.sum().backward()
+# ---- attention-probability dropout ----------------------------------------------------------------
+
+P_DROP = 0.1  # HF's default attention_probs_dropout_prob
+
+
+def test_attention_dropout_eval_matches_hf(monkeypatch):
+    """attention_probs_dropout_prob > 0 in eval mode: nothing is dropped, the patched model equals HF."""
+    ref, patched = _models(LongformerModel, "cpu", "fallback", attention_probs_dropout_prob=P_DROP,
+                           hidden_dropout_prob=P_DROP)
+    ids, mask, glob = _inputs(2, 41, "cpu")
+    want = ref(input_ids=ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state
+    _forbid_hf_chunks(monkeypatch)
+    got = patched(input_ids=ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state
+    _assert_rel("last_hidden_state (eval, attention_probs_dropout_prob=0.1)", got, want)
+
+
+@pytest.mark.parametrize("backend", ["fallback", "triton"])
+def test_attention_dropout_training_forward_backward(backend, monkeypatch):
+    """Training with HF's default dropouts (attention and hidden 0.1): the patched model runs forward
+    and backward, and ``backend`` equals the reference backend step for step under the same
+    torch.manual_seed (the logits, the loss and every parameter gradient)."""
+    device = _backend_device(backend)
+    _maybe_skip(backend, device)
+    _, patched = _models(LongformerForMaskedLM, device, backend, attention_probs_dropout_prob=P_DROP,
+                         hidden_dropout_prob=P_DROP)
+    reference = patch_longformer(copy.deepcopy(patched), backend="reference")
+    ids, mask, glob = _inputs(2, 41, device)
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    _forbid_hf_chunks(monkeypatch)
+    outs = []
+    for model in (reference, patched):
+        model.train()
+        torch.manual_seed(5)
+        outs.append(_run_lm(model, ids, mask, glob, labels))
+    _assert_rel("logits (training)", outs[1].logits, outs[0].logits)
+    _assert_rel("loss (training)", outs[1].loss, outs[0].loss)
+    assert _assert_grads(patched, reference) > 20
+
+
+def _self_attention(layer, dtype=torch.float64):
+    """Layer ``layer``'s LongformerSelfAttention of a patched model (fallback backend), in training,
+    with attention_probs_dropout_prob = P_DROP."""
+    _, patched = _models(LongformerModel, "cpu", "fallback", attention_probs_dropout_prob=P_DROP)
+    return patched.encoder.layer[layer].attention.self.to(dtype).train()
+
+
+def _layer_inputs(dtype, b=2, n=29):
+    """hidden_states [B, N, hidden] and the layer's masks, as LongformerModel hands them over:
+    attention_mask < 0 padding, 0 local, > 0 global; is_index_masked, is_index_global_attn."""
+    hidden = torch.randn(b, n, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    pad = torch.zeros(b, n, dtype=torch.bool)
+    pad[1, n - 6:] = True
+    glob = torch.zeros(b, n, dtype=torch.bool)
+    glob[:, 0] = True
+    glob[0, [7, 20]] = True
+    attention_mask = torch.zeros(b, n, dtype=dtype).masked_fill(glob, 10000.0).masked_fill(pad, -10000.0)
+    return hidden, dict(attention_mask=attention_mask, is_index_masked=pad, is_index_global_attn=glob,
+                        is_global_attn=True)
+
+
+def _by_hand(module, hidden, masks):
+    """lhattn.sliding_window_attention (reference backend) fed the module's own projections."""
+    b, n, e = hidden.shape
+    w = module.config.attention_window[module.layer_id] // 2
+
+    def heads(x):
+        return x.view(b, n, module.num_heads, module.head_dim).transpose(1, 2)
+
+    q, k, v = (heads(lin(hidden)) for lin in (module.query, module.key, module.value))
+    qkv_g = tuple(heads(lin(hidden)) for lin in (module.query_global, module.key_global, module.value_global))
+    out = lhattn.sliding_window_attention(q, k, v, (w, w), key_padding_mask=masks["is_index_masked"],
+                                          global_mask=masks["is_index_global_attn"], global_qkv=qkv_g,
+                                          scale=module.head_dim ** -0.5, dropout_p=module.dropout,
+                                          backend="reference")
+    return out.transpose(1, 2).reshape(b, n, e)
+
+
+def _step(fn, module, hidden, seed):
+    """Output and gradients (hidden_states, every parameter of the module) under torch.manual_seed(seed)."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = fn(hidden)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out.dtype)
+    return out.detach(), torch.autograd.grad(out, [hidden] + list(module.parameters()), dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layer", [0, 1], ids=["window8", "window16"])
+def test_attention_dropout_training_equals_lhattn(layer, dtype, monkeypatch):
+    """Training: the patched self-attention's output and gradients equal lhattn.sliding_window_attention
+    (reference backend) on the module's projections with dropout_p = attention_probs_dropout_prob and
+    the same seed (drawn from torch's default generator: torch.manual_seed before each call)."""
+    module = _self_attention(layer, dtype)
+    module64 = copy.deepcopy(module).double()
+    hidden, masks = _layer_inputs(dtype)
+    masks64 = dict(masks, attention_mask=masks["attention_mask"].double())
+    _forbid_hf_chunks(monkeypatch)
+    got, got_grads = _step(lambda h: module(h, **masks)[0], module, hidden, 9)
+    want, want_grads = _step(lambda h: _by_hand(module, h, masks), module, hidden, 9)
+    want64, want64_grads = _step(lambda h: _by_hand(module64, h, masks64), module64, hidden.double(), 9)
+    assert_close_to_oracle("attn_output", got, want, want64)
+    names = ["hidden_states"] + [name for name, _ in module.named_parameters()]
+    for name, g, r, r64 in zip(names, got_grads, want_grads, want64_grads):
+        assert_close_to_oracle(f"d({name})", g, r, r64)
+
+
+def test_attention_dropout_drops_per_step_and_averages_out():
+    """Training drops: consecutive steps differ from each other and from eval (global rows
+    included); the mean over many steps approaches the eval output (dropout is unbiased)."""
+    module = _self_attention(0, torch.float32)
+    hidden, masks = _layer_inputs(torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        steps = [module(hidden, **masks)[0] for _ in range(100)]
+        module.eval()
+        no_drop = module(hidden, **masks)[0]
+    real = ~masks["is_index_masked"]  # padding rows are 0 in every mode
+    one, two = steps[0][real], steps[1][real]
+    # p = 0.1 keeps a whole row (9 to 17 keys, 2 heads) now and then: most rows change, not all
+    for what, other in (("two training steps", two), ("training and eval", no_drop[real])):
+        changed = (one - other).abs().amax(-1) > 1e-3
+        assert changed.float().mean() > 0.5, f"{what}: only {int(changed.sum())} of {len(changed)} rows differ"
+    glob = masks["is_index_global_attn"]
+    assert (steps[0][glob] - no_drop[glob]).abs().max() > 1e-2, "global rows are not dropped"
+    single = (one - no_drop[real]).abs().mean()
+    mean = (torch.stack(steps).mean(0)[real] - no_drop[real]).abs().mean()
+    assert mean < 0.2 * single, f"mean over 100 steps is {mean:.2e} from eval, one step {single:.2e}"
 
 
 def test_bad_arguments():

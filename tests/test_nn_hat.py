@@ -1,6 +1,8 @@
 """HAT: the cross-segment step (gather -> dense attention among representatives -> scatter),
 HATLayer / HATEncoder, and segment-local attention = dense SDPA per segment."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ import lhattn
 import lhattn.nn as lnn
 from lhattn.nn.hat import cross_segment_attention, representative_index
 
+from tolerance import assert_close_to_oracle
 
 
 @pytest.fixture(autouse=True)
@@ -230,6 +233,102 @@ def test_hat_encoder_forward_backward():
         with torch.no_grad():
             delta = (enc.eval()(x2, **kw) - enc(x.detach(), **kw)).abs().amax(-1)[0]
         assert delta[0] > 0, "no cross-segment mixing"
+
+
+# ---- attention dropout --------------------------------------------------------------------------
+
+
+def test_attention_dropout_arguments():
+    """attention_dropout reaches the SWE and the CSE of every layer; None (default) = dropout, as
+    nn.TransformerEncoderLayer does; it is validated."""
+    def rates(layer):
+        return layer.segment_encoder.self_attn.dropout, layer.cross_segment_encoder.self_attn.dropout
+
+    assert rates(lnn.HATLayer(E, HEADS, 32, dropout=0.2, segment_size=4)) == (0.2, 0.2)
+    assert rates(lnn.HATLayer(E, HEADS, 32, dropout=0.2, attention_dropout=0.0, segment_size=4)) == (0.0, 0.0)
+    enc = lnn.HATEncoder(E, HEADS, "SD|SD", 32, dropout=0.0, attention_dropout=0.3, segment_size=4)
+    assert all(rates(layer) == (0.3, 0.3) for layer in enc.layers)
+    assert enc.layers[0].segment_encoder.dropout.p == 0.0  # the residual / feed-forward dropout stays apart
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="attention dropout"):
+            lnn.HATLayer(E, HEADS, 32, attention_dropout=bad, segment_size=4)
+
+
+def _swe_by_hand(layer, x, kpm, gm, s, p):
+    """The SWE (post-norm, dropout 0 on the residuals) with its attention written as
+    lhattn.segment_attention (reference backend) on the layer's projections, dropping with p."""
+    blk = layer.segment_encoder
+    attn = blk.self_attn
+    b, n, e = x.shape
+    q, k, v = (F.linear(x, w, bias).view(b, n, HEADS, e // HEADS).transpose(1, 2)
+               for w, bias in zip(attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)))
+    o = lhattn.segment_attention(q, k, v, segment_size=s, key_padding_mask=kpm, global_mask=gm, dropout_p=p,
+                                 backend="reference")
+    h = blk.norm1(x + attn.out_proj(o.transpose(1, 2).reshape(b, n, e)))
+    return blk.norm2(h + blk.linear2(F.relu(blk.linear1(h))))
+
+
+def _step(fn, module, x, seed):
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = fn(x)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(out.dtype)
+    return out.detach(), torch.autograd.grad(out, [x] + list(module.parameters()), dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_swe_attention_dropout_equals_lhattn(p, dtype):
+    """Training: the SWE drops attention probabilities exactly as lhattn.segment_attention with
+    dropout_p=attention_dropout and the same seed (torch.manual_seed), output and gradients."""
+    b, n, s = 2, 21, 4
+    torch.manual_seed(0)
+    layer = lnn.HATLayer(E, HEADS, 32, dropout=0.0, attention_dropout=p, segment_size=s, cross_segment_encoder=False,
+                         backend="fallback").to(dtype).train()
+    layer64 = copy.deepcopy(layer).double()
+    x = torch.randn(b, n, E, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    kpm = torch.zeros(b, n, dtype=torch.bool)
+    kpm[1, 15:] = True
+    gm = torch.zeros(b, n, dtype=torch.bool)
+    gm[0, [2, 9]] = True
+    kw = dict(key_padding_mask=kpm, global_mask=gm)
+    got, got_grads = _step(lambda t: layer(t, **kw), layer, x, 7)
+    want, want_grads = _step(lambda t: _swe_by_hand(layer, t, kpm, gm, s, p), layer, x, 7)
+    want64, want64_grads = _step(lambda t: _swe_by_hand(layer64, t, kpm, gm, s, p), layer64, x.double(), 7)
+    assert_close_to_oracle("SWE output", got, want, want64)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, g, r, r64 in zip(names, got_grads, want_grads, want64_grads):
+        assert_close_to_oracle(f"d({name})", g, r, r64)
+    with torch.no_grad():
+        no_drop = layer.eval()(x, **kw)
+    assert (got - no_drop).abs().max() > 1e-2, "the SWE did not drop anything in training"
+
+
+def test_attention_dropout_in_training_only():
+    """SWE and CSE: attention dropout changes a training step (another seed, another output; the
+    same seed, the same output) and nothing in eval; with attention_dropout=0 (and dropout=0)
+    training equals eval."""
+    b, n, s = 2, 24, 4
+    x = torch.randn(b, n, E, generator=torch.Generator().manual_seed(2))
+    for parts in (dict(cross_segment_encoder=False), dict(segment_encoder=False)):
+        def make(p):
+            torch.manual_seed(0)  # the same weights for every p
+            return lnn.HATLayer(E, HEADS, 32, dropout=0.0, attention_dropout=p, segment_size=s, backend="fallback",
+                                **parts)
+        layer = make(0.5)
+        with torch.no_grad():
+            no_drop = layer.eval()(x)
+            layer.train()
+            outs = []
+            for seed in (1, 1, 2):
+                torch.manual_seed(seed)
+                outs.append(layer(x))
+            undropped = make(0.0).train()(x)
+        rows = slice(None) if parts.get("segment_encoder", True) else slice(None, None, s)  # CSE: representatives
+        assert torch.equal(outs[0], outs[1]), f"{parts}: torch.manual_seed does not reproduce the step"
+        assert (outs[0] - outs[2])[:, rows].abs().amax(-1).min() > 1e-3, f"{parts}: two seeds drop alike"
+        assert (outs[0] - no_drop)[:, rows].abs().amax(-1).min() > 1e-3, f"{parts}: no dropout in training"
+        torch.testing.assert_close(undropped, no_drop, rtol=0, atol=1e-6)
 
 
 def test_hat_errors():

@@ -2,7 +2,7 @@
 own LSG model attention with the same weights, the fallback backend forward + backward, gradients
 into the learned global tokens, padding, and bad arguments."""
 
-import math
+import copy
 
 import pytest
 import torch
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import lhattn
 import lhattn.nn as lnn
 from lhattn.patterns import LSG
-from lhattn.reference.lsg import lsg_attention as reference_lsg
+
+from tolerance import assert_close_to_oracle
 
 MIN32 = torch.finfo(torch.float32).min
 
@@ -44,8 +45,9 @@ def _padding(b, n, pad):
     return kpm
 
 
-def _by_hand(layer, x, kpm):
-    """Globals prepended, projections, the LSG oracle (prepended layout), global rows dropped, out_proj."""
+def _by_hand(layer, x, kpm, dropout_p=0.0):
+    """Globals prepended, projections, the LSG oracle (prepended layout; attention dropout
+    ``dropout_p``, seed from torch's default generator), global rows dropped, out_proj."""
     b, n, e = x.shape
     g, h = layer.num_global_tokens, layer.num_heads
     xs = torch.cat([layer.global_embeddings[None].expand(b, g, e), x], dim=1) if g else x
@@ -55,7 +57,7 @@ def _by_hand(layer, x, kpm):
                   sparsity_factor=layer.pattern.sparsity_factor, sparsity_type=layer.pattern.sparsity_type,
                   num_global_tokens=g, causal=layer.pattern.causal, global_layout="prepended")
     full_kpm = None if kpm is None else torch.cat([torch.zeros(b, g, dtype=torch.bool), kpm], dim=1)
-    out, _ = reference_lsg(q, k, v, pattern, key_padding_mask=full_kpm)
+    out = lhattn.attention(q, k, v, pattern, key_padding_mask=full_kpm, dropout_p=dropout_p, backend="reference")
     return F.linear(out[:, :, g:].transpose(1, 2).reshape(b, n, e), layer.out_proj.weight, layer.out_proj.bias)
 
 
@@ -187,13 +189,49 @@ def test_exported_and_parameters():
     assert lnn.LSGSelfAttention(32, 4, num_global_tokens=0).global_embeddings is None
 
 
-def test_dropout_only_in_training():
-    layer = _layer(dropout=0.5, backend="fallback")
+@pytest.mark.parametrize("kw", [dict(dropout=0.5), dict(attention_dropout=0.5)], ids=["dropout", "attention_dropout"])
+def test_dropout_only_in_training(kw):
+    layer = _layer(backend="fallback", **kw)
     x = _x(1, 20)
     with torch.no_grad():
         assert torch.equal(layer(x), layer(x))
         layer.train()
-        assert not torch.equal(layer(x), layer.eval()(x))
+        torch.manual_seed(1)
+        a = layer(x)
+        torch.manual_seed(1)
+        assert torch.equal(layer(x), a), "torch.manual_seed does not reproduce a training step"
+        assert (a - layer(x)).abs().max() > 1e-2, "two training steps drop alike"
+        assert (a - layer.eval()(x)).abs().max() > 1e-2, "no dropout in training"
+    assert f"attention_dropout={layer.attention_dropout}, dropout={layer.dropout}" in repr(layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("config", [dict(), dict(sparsity_type="pooling", causal=True)], ids=["norm", "pooling-causal"])
+def test_attention_dropout_matches_hand_assembled(config, p, dtype):
+    """Training with attention_dropout: output and gradients (x and every parameter, the global
+    tokens included) equal the hand-assembled computation through the oracle with the same dropout
+    seed (torch.manual_seed) -- compressed keys included (n = 29 > 2 * block_size)."""
+    layer = _layer(dtype=dtype, backend="fallback", sparse_block_size=2, attention_dropout=p, **config).train()
+    layer64 = copy.deepcopy(layer).double()
+    x, kpm = _x(2, 29, dtype=dtype), _padding(2, 29, 4)
+
+    def step(fn, module, xi):
+        xi = xi.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = fn(module, xi)
+        dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        return out.detach(), torch.autograd.grad(out, [xi] + list(module.parameters()), dout)
+
+    got, got_grads = step(lambda m, xi: m(xi, kpm), layer, x)
+    want, want_grads = step(lambda m, xi: _by_hand(m, xi, kpm, p), layer, x)
+    want64, want64_grads = step(lambda m, xi: _by_hand(m, xi, kpm, p), layer64, x.double())
+    assert_close_to_oracle("output", got, want, want64)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, g, r, r64 in zip(names, got_grads, want_grads, want64_grads):
+        assert_close_to_oracle(f"d({name})", g, r, r64)
+    with torch.no_grad():
+        assert (got - layer.eval()(x, kpm)).abs().max() > 1e-2, "no attention dropout in training"
 
 
 def test_float64_and_long_sequence_shapes():
@@ -212,6 +250,10 @@ def test_float64_and_long_sequence_shapes():
     pytest.param(dict(embed_dim=32.0), TypeError, r"embed_dim must be an int", id="embed-float"),
     pytest.param(dict(num_heads=0), ValueError, r"num_heads must be >= 1", id="heads-0"),
     pytest.param(dict(dropout=1.0), ValueError, r"dropout must be a float in \[0, 1\)", id="dropout-1"),
+    pytest.param(dict(attention_dropout=1.0), ValueError, r"attention_dropout must be a float in \[0, 1\)",
+                 id="attention-dropout-1"),
+    pytest.param(dict(attention_dropout=True), ValueError, r"attention_dropout must be a float",
+                 id="attention-dropout-bool"),
     pytest.param(dict(bias=1), TypeError, r"bias must be a bool", id="bias-int"),
     pytest.param(dict(backend="cuda"), ValueError, r"backend must be one of", id="backend"),
     pytest.param(dict(block_size=0), ValueError, r"block_size", id="block-size-0"),

@@ -8,13 +8,18 @@ argument; replace_attention must really route nn.TransformerEncoder through lhat
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import lhattn
 import lhattn.nn as lnn
-from lhattn import LSG, Segments, SlidingWindow
+from lhattn import LSG, Segments, SlidingWindow, _dropout
+
+from tolerance import assert_close_to_oracle
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +136,8 @@ def test_is_causal(need_weights, padded):
 
 
 def test_dropout_like_torch():
-    """need_weights=True draws the same dropout mask as torch under the same seed; eval is exact."""
+    """need_weights=True (the explicit path) draws the same dropout mask as torch under the same
+    seed; eval is exact."""
     ref = _torch_mha(dropout=0.3)
     mha = lnn.MultiheadAttention.from_torch(copy.deepcopy(ref), pattern=SlidingWindow(N))
     x, kpm = _x(True), _padding()
@@ -141,10 +147,6 @@ def test_dropout_like_torch():
     out_l, w_l = mha(x, x, x, key_padding_mask=kpm)
     _close(out_l, out_t, "attn_output (training, dropout)")
     _close(w_l, w_t, "attn_weights (training, dropout)")
-    # need_weights=False in training: the explicit path with F.dropout (torch drops inside SDPA).
-    torch.manual_seed(7)
-    out_fast, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False)
-    _close(out_fast, out_l, "need_weights=False in training uses the same dropout draw")
     ref.eval(), mha.eval()
     _close(mha(x, x, x, key_padding_mask=kpm)[0], ref(x, x, x, key_padding_mask=kpm)[0], "eval output")
 
@@ -199,6 +201,141 @@ def test_sparse_paths_agree(name, pattern, with_globals, seg_ids, padded_rows):
         _close(out_fast, out_w, f"need_weights=False ({backend}) vs need_weights=True")
     if padded_rows == "zero":
         _close(out_w[kpm], mha.out_proj.bias.expand(int(kpm.sum()), E), "padding rows = out_proj.bias")
+
+
+# ---- attention dropout on the sparse path ---------------------------------------------------------
+
+
+def _dense_dropout(mha, x, kpm, gm, seg_ids, state):
+    """The definition, densely (batch-first x): per row the softmax over its visible keys (PyTorch's
+    for padding rows with padded_rows="torch", none with "zero"), then lhattn's keep mask for
+    ``state`` (rows and columns = token positions), kept weights scaled by 1 / (1 - p); out_proj."""
+    b, n, e = x.shape
+    h, hd = mha.num_heads, mha.head_dim
+    q, k, v = (F.linear(x, w, bias).view(b, n, h, hd).transpose(1, 2)
+               for w, bias in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)))
+    visible = _visible(mha.pattern, n, gm, seg_ids, kpm)[:, None]  # [B, 1, N, N]
+    if mha.padded_rows == "zero":
+        visible = visible & ~kpm[:, None, :, None]
+    sees = visible.any(-1, keepdim=True)  # a row that sees no key outputs 0
+    s = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~visible, float("-inf")).masked_fill(~sees, 0.0)
+    pos = torch.arange(n)
+    keep = _dropout.keep_mask(state, b, h, pos, pos)  # [B, H, N, N]
+    w = torch.softmax(s, dim=-1) * sees * keep / (1.0 - mha.dropout)
+    out = (w @ v).transpose(1, 2).reshape(b, n, e)
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _sparse_case(name, with_globals):
+    pattern = {s[0]: s[1] for s in SPARSE}[name]
+    seg_ids = {s[0]: s[3] for s in SPARSE}[name]
+    gm = None
+    if with_globals:
+        gm = torch.zeros(B, N, dtype=torch.bool)
+        gm[0, [0, 6]] = True
+        gm[1, [2, N - 1]] = True
+    return pattern, gm, seg_ids
+
+
+def _run(mha, x, seed, **kw):
+    """Output and (d input, d parameters) of one training step under ``torch.manual_seed(seed)``."""
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = mha(x, x, x, need_weights=False, **kw)[0]
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, [x] + list(mha.parameters()), dout)
+    return out.detach(), grads
+
+
+def _run_dense(mha, x, seed, kpm, gm, seg_ids):
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the module draws its seed as make_state does, from the default generator
+    out = _dense_dropout(mha, x, kpm, gm, seg_ids, _dropout.make_state(mha.dropout, None, x.device))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, [x] + list(mha.parameters()), dout)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("backend, dtype", [("fallback", torch.float32), ("fallback", torch.float64),
+                                            ("reference", torch.float32)], ids=["fallback-fp32", "fallback-fp64",
+                                                                                 "reference-fp32"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("padded_rows", ["torch", "zero"])
+@pytest.mark.parametrize("name, with_globals", [(s[0], s[2]) for s in SPARSE], ids=[s[0] for s in SPARSE])
+def test_sparse_dropout_matches_dense(name, with_globals, padded_rows, p, backend, dtype):
+    """Training, need_weights=False: the O(N·w) path with lhattn's dropout equals the dense definition
+    (softmax over the visible keys, then keep_mask with the same seed) -- padding rows included,
+    whose numerator is dropped and denominator not -- in output and every gradient."""
+    pattern, gm, seg_ids = _sparse_case(name, with_globals)
+    mha = lnn.MultiheadAttention.from_torch(_torch_mha(dropout=p), pattern=pattern, padded_rows=padded_rows,
+                                            backend=backend).to(dtype)
+    mha64 = copy.deepcopy(mha).double()
+    x, kpm = _x(True).to(dtype), _padding()
+    kw = dict(key_padding_mask=kpm, global_mask=gm, segment_ids=seg_ids)
+    got, got_grads = _run(mha, x, 11, **kw)
+    want, want_grads = _run_dense(mha, x, 11, kpm, gm, seg_ids)
+    want64, want64_grads = _run_dense(mha64, x.double(), 11, kpm, gm, seg_ids)
+    assert_close_to_oracle("attn_output", got, want, want64)
+    names = ["input"] + [n for n, _ in mha.named_parameters()]
+    for gname, g, r, r64 in zip(names, got_grads, want_grads, want64_grads):
+        assert_close_to_oracle(f"d({gname})", g, r, r64)
+
+
+@pytest.mark.parametrize("padded_rows", ["torch", "zero"])
+def test_sparse_dropout_really_drops(padded_rows):
+    """Dropout changes every row that sees a key by a clear margin (padding rows included with
+    "torch"), another seed drops differently, the same seed reproduces the step, and eval drops nothing."""
+    pattern, gm, seg_ids = _sparse_case("window2-globals", True)
+    mha = lnn.MultiheadAttention.from_torch(_torch_mha(dropout=0.5), pattern=pattern, padded_rows=padded_rows,
+                                            backend="fallback")
+    x, kpm = _x(True), _padding()
+    kw = dict(key_padding_mask=kpm, global_mask=gm, need_weights=False)
+    with torch.no_grad():
+        outs = []
+        for seed in (1, 1, 2):
+            torch.manual_seed(seed)
+            outs.append(mha(x, x, x, **kw)[0])
+        no_drop = mha.eval()(x, x, x, **kw)[0]
+    assert torch.equal(outs[0], outs[1]), "torch.manual_seed does not reproduce the step"
+    rows = _visible(pattern, N, gm, seg_ids, kpm).any(-1)  # rows that see some key (the others output 0)
+    if padded_rows == "zero":
+        rows = rows & ~kpm
+    for what, other in (("p = 0.5 vs eval", no_drop), ("seed 1 vs seed 2", outs[2])):
+        diff = (outs[0] - other).abs().amax(-1)
+        assert diff[rows].min() > 1e-2, f"{what}: some row unchanged ({diff[rows].min():.2e})"
+    if padded_rows == "torch":
+        assert (outs[0][kpm] - no_drop[kpm]).abs().max() > 1e-1, "padding rows are not dropped"
+
+
+def test_training_dropout_stays_sparse(monkeypatch):
+    """Training with dropout and need_weights=False never builds the [N, N] mask: an LSG pattern with
+    compressed keys (which the explicit path cannot express) runs and equals out_proj of
+    lhattn.attention (reference backend, same seed); so does a swapped TransformerEncoder."""
+    from lhattn.nn import mha as mha_module
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense [N, N] mask was built in training with need_weights=False")
+    monkeypatch.setattr(mha_module, "_pattern_mask", no_dense)
+    n = 29
+    pattern = LSG(block_size=4, sparse_block_size=2)
+    mha = lnn.MultiheadAttention.from_torch(_torch_mha(dropout=0.3), pattern=pattern, backend="fallback")
+    x = _x(True, n=n)
+    torch.manual_seed(3)
+    got = mha(x, x, x, need_weights=False)[0]
+    q, k, v = (F.linear(x, w, bias).view(B, n, H, E // H).transpose(1, 2)
+               for w, bias in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)))
+    torch.manual_seed(3)
+    out = lhattn.attention(q, k, v, pattern, dropout_p=0.3, backend="reference")
+    want = mha.out_proj(out.transpose(1, 2).reshape(B, n, E))
+    _close(got, want, "LSG with compressed keys, training with dropout", atol=1e-5)
+    assert (got - mha.eval()(x, x, x, need_weights=False)[0]).abs().max() > 1e-2
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 64, dropout=0.1, batch_first=True)
+    enc = lnn.replace_attention(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), SlidingWindow(2),
+                                backend="fallback").train()
+    enc(_x(True), src_key_padding_mask=_padding()).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
 
 
 def test_sparse_pattern_differs_from_full():

@@ -20,17 +20,18 @@ What the patched self-attention computes (transformers 5.x conventions, read fro
   ``key_global / value_global``; local rows use ``query / key / value``. Scale ``D**-0.5``.
 * returns ``(attn_output,)`` with ``attn_output [B, N, hidden]``, exactly HF's return value
   when ``output_attentions=False``. Padding rows are 0, as in HF.
+* attention-probability dropout: in training, ``dropout_p = config.attention_probs_dropout_prob``
+  (the module's ``dropout``) is applied inside :func:`lhattn.attention`, in O(N·w), to the local
+  and the global rows alike, as HF does (``F.dropout`` on its ``attn_probs`` and
+  ``global_attn_probs``).  Which entries are dropped follows lhattn's counter-based rule
+  (:mod:`lhattn._dropout`) with a seed drawn from torch's default generator on the inputs'
+  device, so ``torch.manual_seed`` reproduces a training step; the mask is not the one HF
+  would draw, only its distribution is the same.  In eval mode nothing is dropped.
 
-Not supported (each raises ``NotImplementedError`` with this explanation rather than
-silently doing something else):
-
-* ``output_attentions=True``: lhattn never forms the attention probabilities. HF's own
-  forward cannot be used as a fallback either, because a patched model no longer pads its
-  input to a multiple of the window. Call :func:`unpatch_longformer` first to get them.
-* attention-probability dropout in training (``self.training`` and
-  ``config.attention_probs_dropout_prob > 0``): the kernels have no dropout. Use
-  ``model.eval()``, or build the model with ``attention_probs_dropout_prob=0.0``
-  (hidden-state dropout elsewhere in the model is unaffected).
+Not supported: ``output_attentions=True`` raises ``NotImplementedError`` (rather than silently
+doing something else): lhattn never forms the attention probabilities. HF's own forward cannot
+be used as a fallback either, because a patched model no longer pads its input to a multiple of
+the window. Call :func:`unpatch_longformer` first to get them.
 
 Padding: HF's ``LongformerModel.forward`` pads ``input_ids`` / ``inputs_embeds`` to a multiple
 of ``max(config.attention_window)`` through ``LongformerModel._pad_to_window_size`` because
@@ -103,6 +104,7 @@ def _self_attention_forward(
 
     hidden_states: ``[B, N, hidden]``, any N. attention_mask: ``[B, N]`` float, ``< 0``
     padding, ``0`` local, ``> 0`` global (only read when the ``is_index_*`` masks are None).
+    In training the attention probabilities are dropped with ``p = self.dropout`` (module docstring).
     Returns ``(attn_output [B, N, hidden],)``.
     """
     if output_attentions:
@@ -110,11 +112,6 @@ def _self_attention_forward(
             "output_attentions=True is not supported by the lhattn-patched LongformerSelfAttention: "
             "lhattn never forms the attention probabilities. Pass output_attentions=False, or call "
             "lhattn.integrations.huggingface.unpatch_longformer(model) to get HF's own attention back.")
-    if self.training and self.dropout > 0:
-        raise NotImplementedError(
-            f"attention-probability dropout (attention_probs_dropout_prob={self.dropout}) is not supported by "
-            "the lhattn kernels. Call model.eval(), or build the model with attention_probs_dropout_prob=0.0 "
-            "(or set `module.dropout = 0.0` on each LongformerSelfAttention) to train without it.")
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.embed_dim:
         raise ValueError(f"hidden_states must be [B, N, hidden={self.embed_dim}], got {tuple(hidden_states.shape)}")
     b, n, e = hidden_states.shape
@@ -140,7 +137,7 @@ def _self_attention_forward(
         global_qkv = (heads(qg), heads(self.key_global(hidden_states)), heads(self.value_global(hidden_states)))
     out = attention(q, k, v, longformer_window(self), key_padding_mask=is_index_masked, global_mask=global_mask,
                     global_qkv=global_qkv, scale=1.0 / math.sqrt(self.head_dim),
-                    backend=getattr(self, _BACKEND_ATTR))
+                    dropout_p=self.dropout if self.training else 0.0, backend=getattr(self, _BACKEND_ATTR))
     return (out.transpose(1, 2).reshape(b, n, e),)
 
 

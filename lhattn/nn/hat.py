@@ -15,11 +15,15 @@ whose first token is padding has no representative.  A batch row with fewer repr
 the longest row has empty slots (index -1).  Gathering and scattering use
 :func:`lhattn._ops.gather_rows` / :func:`lhattn._ops.scatter_add_rows`, so it is differentiable.
 
-All modules here are batch-first: ``x [B, N, E]``.  They have no attention-probability dropout
-(lhattn's kernels have none); ``dropout`` acts on the residual branches and the feed-forward, as
-in ``nn.TransformerEncoderLayer``.  Sub-module names follow ``nn.TransformerEncoderLayer``
-(``self_attn.in_proj_weight``, ``linear1``, ``norm1``, ...), so its ``state_dict`` loads into
-``HATLayer.segment_encoder`` or ``HATLayer.cross_segment_encoder``.
+All modules here are batch-first: ``x [B, N, E]``.  ``dropout`` acts on the residual branches and
+the feed-forward, as in ``nn.TransformerEncoderLayer``.  ``attention_dropout`` drops attention
+probabilities, in training only (HAT's Roberta layers call it ``attention_probs_dropout_prob``;
+by default it is ``dropout``, as in ``nn.TransformerEncoderLayer``, which has one rate for both):
+in the SWE inside :func:`lhattn.attention` (O(N·S); lhattn's counter-based rule,
+:mod:`lhattn._dropout`, its seed drawn from torch's default generator), in the CSE inside
+``F.scaled_dot_product_attention`` (dense over the representatives).  Sub-module names follow
+``nn.TransformerEncoderLayer`` (``self_attn.in_proj_weight``, ``linear1``, ``norm1``, ...), so its
+``state_dict`` loads into ``HATLayer.segment_encoder`` or ``HATLayer.cross_segment_encoder``.
 """
 
 from __future__ import annotations
@@ -88,16 +92,18 @@ def representative_index(b: int, n: int, *, segment_ids: Optional[Tensor] = None
 # ---- the cross-segment step --------------------------------------------------------------------
 
 
-def _attend_slots(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: Optional[float]) -> Tensor:
+def _attend_slots(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: Optional[float],
+                  dropout_p: float = 0.0) -> Tensor:
     """Dense attention among gathered rows ``[B, H(_kv), R, D]``: every valid slot sees every valid
-    slot; rows of empty slots (``valid`` False) come out 0."""
+    slot; rows of empty slots (``valid`` False) come out 0.  ``dropout_p``: SDPA's dropout on the
+    attention probabilities (applied whenever > 0)."""
     if q.shape[2] == 0:
         return q
     if k.shape[1] != q.shape[1]:  # GQA: query head h reads kv head h // (H / H_kv)
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     # Empty query slots see every slot (keeps the softmax finite); they are zeroed below.
     mask = valid[:, None, None, :] | ~valid[:, None, :, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(~valid[:, None, :, None], 0.0)
 
 
@@ -141,14 +147,16 @@ def cross_segment_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_ids: Opt
 
 
 class _SlotAttention(nn.Module):
-    """Multi-head self-attention over gathered representatives ``[B, R, E]`` with a slot mask.
-    Parameters named as ``nn.MultiheadAttention``'s (``in_proj_weight``, ``in_proj_bias``, ``out_proj``)."""
+    """Multi-head self-attention over gathered representatives ``[B, R, E]`` with a slot mask and
+    attention-probability ``dropout`` in training.  Parameters named as ``nn.MultiheadAttention``'s
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``)."""
 
-    def __init__(self, d_model: int, nhead: int, bias: bool, **factory) -> None:
+    def __init__(self, d_model: int, nhead: int, bias: bool, dropout: float = 0.0, **factory) -> None:
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
         self.nhead = nhead
+        self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model, **factory))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model, **factory)) if bias else None
         self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
@@ -160,7 +168,7 @@ class _SlotAttention(nn.Module):
         b, r, e = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, r, 3, self.nhead, e // self.nhead)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, R, hd]
-        out = _attend_slots(q, k, v, valid, None)
+        out = _attend_slots(q, k, v, valid, None, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, r, e))
 
 
@@ -207,6 +215,8 @@ class HATLayer(nn.Module):
 
     Args (as ``nn.TransformerEncoderLayer``): d_model, nhead, dim_feedforward, dropout,
     activation, layer_norm_eps, norm_first, bias, device, dtype; keyword-only:
+        attention_dropout: probability of dropping an attention probability in training, in SWE and
+            CSE alike, in ``[0, 1)``; None (default) = ``dropout``, as in ``nn.TransformerEncoderLayer``.
         segment_size: fixed segments of this size; None = ``segment_ids`` given per call.
         segment_encoder / cross_segment_encoder: include the SWE / the CSE.
         backend: :func:`lhattn.attention` backend of the SWE.
@@ -218,12 +228,16 @@ class HATLayer(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: Union[str, Callable[[Tensor], Tensor]] = "relu", layer_norm_eps: float = 1e-5,
-                 norm_first: bool = False, bias: bool = True, *, segment_size: Optional[int] = None,
-                 segment_encoder: bool = True, cross_segment_encoder: bool = True, backend: str = "auto",
-                 device=None, dtype=None) -> None:
+                 norm_first: bool = False, bias: bool = True, *, attention_dropout: Optional[float] = None,
+                 segment_size: Optional[int] = None, segment_encoder: bool = True,
+                 cross_segment_encoder: bool = True, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         if not (segment_encoder or cross_segment_encoder):
             raise ValueError("a HATLayer needs segment_encoder=True or cross_segment_encoder=True (got both False)")
+        p_attn = dropout if attention_dropout is None else attention_dropout
+        if isinstance(p_attn, bool) or not isinstance(p_attn, (int, float)) or not 0.0 <= p_attn < 1.0:
+            raise ValueError(f"the attention dropout must be a float in [0, 1), got {p_attn!r} "
+                             f"(attention_dropout={attention_dropout!r}, dropout={dropout!r})")
         factory = dict(device=device, dtype=dtype)
         block = dict(d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
                      layer_norm_eps=layer_norm_eps, norm_first=norm_first, bias=bias, **factory)
@@ -231,11 +245,12 @@ class HATLayer(nn.Module):
         self.segment_size = segment_size
         self.segment_encoder = self.cross_segment_encoder = None
         if segment_encoder:
-            attn = MultiheadAttention(d_model, nhead, bias=bias, batch_first=True, pattern=Segments(segment_size),
-                                      padded_rows="zero", backend=backend, **factory)
+            attn = MultiheadAttention(d_model, nhead, float(p_attn), bias=bias, batch_first=True,
+                                      pattern=Segments(segment_size), padded_rows="zero", backend=backend, **factory)
             self.segment_encoder = _Block(attn, **block)
         if cross_segment_encoder:
-            self.cross_segment_encoder = _Block(_SlotAttention(d_model, nhead, bias, **factory), **block)
+            self.cross_segment_encoder = _Block(_SlotAttention(d_model, nhead, bias, float(p_attn), **factory),
+                                                **block)
 
     def forward(self, x: Tensor, *, segment_ids: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 global_mask: Optional[Tensor] = None, segment_embeddings: Optional[Tensor] = None) -> Tensor:
@@ -296,17 +311,17 @@ class HATEncoder(nn.Module):
     def __init__(self, d_model: int, nhead: int, layout: Union[str, List[str]] = "SD|SD|SD|SD",
                  dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: Union[str, Callable[[Tensor], Tensor]] = "relu", layer_norm_eps: float = 1e-5,
-                 norm_first: bool = False, bias: bool = True, *, segment_size: Optional[int] = None,
-                 max_segments: Optional[int] = None, final_norm: Optional[bool] = None, backend: str = "auto",
-                 device=None, dtype=None) -> None:
+                 norm_first: bool = False, bias: bool = True, *, attention_dropout: Optional[float] = None,
+                 segment_size: Optional[int] = None, max_segments: Optional[int] = None,
+                 final_norm: Optional[bool] = None, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.layout = _parse_layout(layout)
         self.segment_size = segment_size
         self.layers = nn.ModuleList([
             HATLayer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias,
-                     segment_size=segment_size, segment_encoder="S" in item, cross_segment_encoder="D" in item,
-                     backend=backend, **factory)
+                     attention_dropout=attention_dropout, segment_size=segment_size, segment_encoder="S" in item,
+                     cross_segment_encoder="D" in item, backend=backend, **factory)
             for item in self.layout])
         self.segment_position = None if max_segments is None else nn.Embedding(max_segments, d_model, **factory)
         final_norm = norm_first if final_norm is None else final_norm

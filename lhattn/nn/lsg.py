@@ -18,8 +18,12 @@ Shapes are batch-first.  ``key_padding_mask [B, N]`` bool (True = padding): padd
 never attended to and are excluded from the compressed (sparse) keys; a padding row's attention
 output is 0, so the layer returns ``out_proj.bias`` there.  ``causal=True``: every query sees the
 global tokens and the keys up to itself (global rows: the earlier global tokens only).
-``dropout`` drops elements of the attention output (before ``out_proj``) in training: lhattn's
-kernels have no attention-probability dropout.
+
+Dropout, in training only.  ``attention_dropout`` drops attention probabilities inside
+:func:`lhattn.attention` (O(N·w); lhattn's counter-based rule, :mod:`lhattn._dropout`, its seed
+drawn from torch's default generator, so ``torch.manual_seed`` reproduces a step): what
+lsg_converter's ``LSGSelfAttention`` does with ``config.attention_probs_dropout_prob``.
+``dropout`` drops elements of the attention output (before ``out_proj``).  Both default to 0.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def _check_probability(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
 class LSGSelfAttention(nn.Module):
     """Multi-head LSG self-attention (local + sparse + global) with learned global tokens.
 
@@ -56,6 +65,7 @@ class LSGSelfAttention(nn.Module):
         block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, causal:
             the :class:`~lhattn.LSG` pattern (``global_layout="prepended"``), validated there;
             ``num_global_tokens`` learned tokens are prepended (0 = none).
+        attention_dropout: probability of dropping an attention probability in training, in ``[0, 1)``.
         dropout: probability of zeroing an element of the attention output in training, in ``[0, 1)``.
         bias: biases in the four projections.
         backend: :func:`lhattn.attention` backend (``"auto" | "triton" | "fallback" | "reference"``).
@@ -70,15 +80,15 @@ class LSGSelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, block_size: int = 128,
                  sparse_block_size: Optional[int] = None, sparsity_factor: int = 2, sparsity_type: str = "norm",
-                 num_global_tokens: int = 1, causal: bool = False, dropout: float = 0.0, bias: bool = True,
-                 backend: str = "auto", device=None, dtype=None) -> None:
+                 num_global_tokens: int = 1, causal: bool = False, attention_dropout: float = 0.0,
+                 dropout: float = 0.0, bias: bool = True, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
         _check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        _check_probability("attention_dropout", attention_dropout)
+        _check_probability("dropout", dropout)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         if not isinstance(backend, str) or backend not in _functional.BACKENDS:
@@ -89,6 +99,7 @@ class LSGSelfAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
+        self.attention_dropout = float(attention_dropout)
         self.dropout = float(dropout)
         self.backend = backend
         factory = dict(device=device, dtype=dtype)
@@ -112,8 +123,9 @@ class LSGSelfAttention(nn.Module):
             nn.init.normal_(self.global_embeddings, mean=0.0, std=0.02)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
-                f"backend={self.backend!r}, pattern={self.pattern}")
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"attention_dropout={self.attention_dropout}, dropout={self.dropout}, backend={self.backend!r}, "
+                f"pattern={self.pattern}")
 
     def _check_input(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> None:
         if not isinstance(x, Tensor):
@@ -151,6 +163,7 @@ class LSGSelfAttention(nn.Module):
 
         q, k, v = heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h))
         out = _attention(q, k, v, self.pattern, key_padding_mask=kpm, scale=1.0 / math.sqrt(self.head_dim),
+                         dropout_p=self.attention_dropout if self.training else 0.0,
                          backend=self.backend)  # [B, H, g + N, hd]
         out = out[:, :, g:].transpose(1, 2).reshape(b, n, e)
         out = F.dropout(out, p=self.dropout, training=self.training)

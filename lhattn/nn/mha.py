@@ -8,15 +8,17 @@ A subclass of :class:`torch.nn.MultiheadAttention` with the same constructor, pa
 
 Three execution paths, chosen per call:
 
-* **sparse** (``need_weights=False``, and no attention dropout to apply): the projections, then
-  :func:`lhattn.attention` (``backend``, default ``"auto"``), then ``out_proj``.  O(N·w).
-* **explicit** (``need_weights=True``, or training with ``dropout > 0``): the dense scores with the
-  pattern's ``[N, N]`` mask, exactly the op sequence of ``F.multi_head_attention_forward``'s
-  weights path.  **O(N²) memory**: it returns the ``[B, (H,) L, S]`` weights (exact zeros outside
-  the pattern) and applies attention dropout like PyTorch (``F.dropout`` on the weights, so
-  ``need_weights=True`` draws the very same mask as PyTorch under the same seed; with
-  ``need_weights=False`` PyTorch drops inside SDPA and the masks differ, the distribution not).
-  lhattn's kernels have no dropout: set ``dropout=0`` to keep long sequences on the sparse path.
+* **sparse** (``need_weights=False``): the projections, then :func:`lhattn.attention`
+  (``backend``, default ``"auto"``), then ``out_proj``.  O(N·w).  In training with ``dropout > 0``
+  the attention probabilities are dropped inside that call (``dropout_p=dropout``): lhattn's
+  counter-based rule (:mod:`lhattn._dropout`), also O(N·w), its seed drawn from torch's default
+  generator on the inputs' device -- ``torch.manual_seed`` reproduces a step, though the mask is
+  not PyTorch's (PyTorch drops inside SDPA there: another mask, the same distribution).
+* **explicit** (``need_weights=True``): the dense scores with the pattern's ``[N, N]`` mask,
+  exactly the op sequence of ``F.multi_head_attention_forward``'s weights path.  **O(N²)
+  memory**: it returns the ``[B, (H,) L, S]`` weights (exact zeros outside the pattern) and, in
+  training, applies attention dropout like PyTorch (``F.dropout`` on the weights, so it draws the
+  very same mask as PyTorch under the same seed).
 * **pattern=None**: ``nn.MultiheadAttention.forward`` itself.
 
 Padding.  PyTorch gives a padding query (``key_padding_mask`` True) an ordinary output over the
@@ -25,8 +27,13 @@ non-padding keys; lhattn's convention (Longformer) outputs 0 there.  ``padded_ro
 doubled batch, ``[Σ p_j·m_j·v_j ; Σ p_j·m_j] = attention(q, k, [v·m ; m])`` without the padding
 mask (``m_j`` = 1 for non-padding keys), divided -- exact up to rounding unless padding keys
 outweigh the visible ones by more than the dtype's range (about 1e30 in fp32, 1e4 in fp16).
-``padded_rows="zero"`` keeps lhattn's zeros and skips that call.  A row that sees no key at all
-outputs 0 (before ``out_proj``) and weights 0, where PyTorch's weights path gives NaN.
+With attention dropout a padding row is, like every row, the softmax over the non-padding keys,
+then dropout: the numerator is dropped and the denominator is not (a dropped output keeps the
+undropped normaliser), so they come from two calls, ``attention(q, k, v·m)`` with dropout and the
+seed of the main call (one keep mask, :func:`lhattn._dropout.keep_mask`, for all rows) and
+``attention(q, k, m)`` without.  ``padded_rows="zero"`` keeps lhattn's zeros and skips these
+calls.  A row that sees no key at all outputs 0 (before ``out_proj``) and weights 0, where
+PyTorch's weights path gives NaN.
 
 What cannot be expressed raises ``ValueError`` naming the argument: a dense ``attn_mask`` with a
 pattern (except as the causal hint, below), query and key of different lengths (the patterns
@@ -55,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _dropout
 from .. import _validation as V
 from .. import functional as _functional
 from ..patterns import LSG, Pattern, Segments, SlidingWindow
@@ -126,9 +134,8 @@ def _pattern_mask(pattern: Pattern, n: int, global_mask: Optional[Tensor], segme
     if isinstance(pattern, LSG):
         if _lsg_has_compressed_keys(pattern, n):
             raise ValueError(
-                f"need_weights=True (or attention dropout in training) needs per-key weights, but "
-                f"{pattern} at length {n} attends to compressed keys (N - offset > 2 * block_size): "
-                "pass need_weights=False and dropout=0")
+                f"need_weights=True needs per-key weights, but {pattern} at length {n} attends to "
+                "compressed keys (N - offset > 2 * block_size): pass need_weights=False")
         from ..reference.lsg import lsg_direct_mask
         return lsg_direct_mask(n, pattern, device)[None]
     if isinstance(pattern, SlidingWindow):
@@ -290,7 +297,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = (x.view(lq, b, h, hd).permute(1, 2, 0, 3) for x in (q, k, v))  # [B, H, L, hd]
         _check_call_args(pattern, q, kpm, global_mask, segment_ids)
         weights = None
-        if need_weights or (self.training and self.dropout > 0.0):
+        if need_weights:
             out, weights = self._explicit(q, k, v, pattern, kpm, global_mask, segment_ids)
         else:
             out = self._sparse(q, k, v, pattern, kpm, global_mask, segment_ids)
@@ -346,7 +353,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out.view(b, h, n, hd), w.view(b, h, n, n)
 
     def _sparse(self, q, k, v, pattern, kpm, global_mask, segment_ids):
-        """O(N·w) path through :func:`lhattn.attention`; padding rows as ``padded_rows`` says."""
+        """O(N·w) path through :func:`lhattn.attention`; attention dropout in training; padding rows
+        as ``padded_rows`` says (module docstring)."""
         kw = dict(scale=1.0 / math.sqrt(self.head_dim), backend=self.backend)
         n = q.shape[2]
         pad_rows = kpm is not None and self.padded_rows == "torch" and bool(kpm.any())
@@ -355,20 +363,31 @@ class MultiheadAttention(nn.MultiheadAttention):
                 f"padded_rows='torch' is not defined for {pattern} at length {n}: its compressed keys are "
                 "built without the padding tokens, so a padding query has no PyTorch-like output; "
                 "construct the module with padded_rows='zero'")
+        drop = {}
+        if self.training and self.dropout > 0.0:
+            # One seed (drawn as lhattn.attention would) for the main call and the padding rows' numerator.
+            seed = _dropout.make_state(self.dropout, None, q.device)[0] if pad_rows else None
+            drop = dict(dropout_p=self.dropout, dropout_seed=seed)
         out = _attention(q, k, v, pattern, key_padding_mask=kpm, global_mask=global_mask,
-                          segment_ids=segment_ids, **kw)
+                          segment_ids=segment_ids, **drop, **kw)
         if not pad_rows:
             return out
 
-        def twice(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else torch.cat([t, t])
-
-        # Padding rows: attention without the padding mask over values [v·m ; m], then divide.
+        # Padding rows: attention without the padding mask over values v·m and m, then divide.
         m = (~kpm).to(v.dtype)[:, None, :, None]  # [B, 1, N, 1]
-        both = _attention(twice(q), twice(k), torch.cat([v * m, m.expand_as(v)]), pattern,
-                           global_mask=twice(global_mask), segment_ids=twice(segment_ids), **kw)
-        b = q.shape[0]
-        num, den = both[:b], both[b:, ..., :1]
+        if not drop:  # one call on a doubled batch
+
+            def twice(t: Optional[Tensor]) -> Optional[Tensor]:
+                return None if t is None else torch.cat([t, t])
+
+            both = _attention(twice(q), twice(k), torch.cat([v * m, m.expand_as(v)]), pattern,
+                              global_mask=twice(global_mask), segment_ids=twice(segment_ids), **kw)
+            b = q.shape[0]
+            num, den = both[:b], both[b:, ..., :1]
+        else:  # the numerator is dropped, the denominator is not: two calls
+            kw.update(global_mask=global_mask, segment_ids=segment_ids)
+            num = _attention(q, k, v * m, pattern, **drop, **kw)
+            den = _attention(q, k, m.expand_as(v), pattern, **kw)[..., :1]
         pad_out = num / torch.where(den > 0, den, torch.ones_like(den))
         return torch.where(kpm[:, None, :, None], pad_out, out)
 
