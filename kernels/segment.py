@@ -24,6 +24,10 @@ Launchers (no autograd here):
 * :func:`segment_fwd` ``-> (out [B, H, N, D], lse [B, H, N])``
 * :func:`segment_bwd` ``-> (dq, dk, dv)``
 
+Attention dropout (``dropout_p > 0``, :mod:`lhattn._dropout`'s rule, ``DROPOUT`` constexpr):
+rows and key columns are token positions; every kernel regenerates the keep bits of the
+scores it visits from the dropout state, as in :mod:`kernels.sliding_window`.
+
 Memory: ``out``, ``lse`` and, in the backward, ``delta [B, H, N]``; global-key gradients
 add ``[S, B, H_kv, G, D]`` partials (``G`` global tokens).  Nothing of size ``N × S``.
 """
@@ -38,10 +42,10 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_range, attn_bwd_dq_list, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, bwd_preprocess,
-                    next_power_of_2, split_scale, _scale)
-# Shared with the sliding-window family (autotune set-up, and the kernel that gives the
-# gradient of keys every row sees); see the module docstring of kernels.sliding_window.
-from .sliding_window import _dkdv_configs, _fwd_configs, _tuned, add_global_key_grads
+                    dropout_head_key, dropout_load, dropout_row_keys, next_power_of_2, split_scale, _scale)
+# Shared with the sliding-window family (autotune set-up, dropout arguments, and the kernel
+# that gives the gradient of keys every row sees); see the module docstring of kernels.sliding_window.
+from .sliding_window import _dkdv_configs, _dropout_args, _fwd_configs, _tuned, add_global_key_grads
 
 __all__ = ["segment_fwd", "segment_bwd", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -99,10 +103,10 @@ def _segment_block_range(start_first, end_first, start_last, end_last, BLOCK_OTH
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"])
 @triton.jit
 def _seg_fwd_kernel(
-    Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END,
+    Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -111,10 +115,10 @@ def _seg_fwd_kernel(
     stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn,
     stride_ssb, stride_ssn, stride_seb, stride_sen,
     n, n_glob, heads_per_kv, seg_size,
-    qk_scale, qk_scale_lo, SEG,
+    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # program -> query block i_m; head; batch row
     i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -135,6 +139,10 @@ def _seg_fwd_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     b_q = tl.load(p_q + o_m[:, None].to(tl.int64) * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None],
                   other=0.0)  # [BM, D]
+    drop_thresh, b_rk = 0, 0
+    if DROPOUT:  # rows and key columns are token positions
+        drop_seed, drop_thresh = dropout_load(DROP)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
 
     # row i sees key j iff start_i <= j < end_i, i.e. i - before <= j <= i + after
     b_start, b_end = _segments(o_m, m_m, n, p_ss, p_se, stride_ssn, stride_sen, seg_size, FIXED)  # [BM]
@@ -151,25 +159,25 @@ def _seg_fwd_kernel(
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, full_lo, full_hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, full_hi, hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     if HAS_GLOBAL:
         acc, m_i, l_i = attn_fwd_list(
             acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
             stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     m_row = m_m
     if HAS_QMASK:
         m_row = m_row & (tl.load(QM + i_b.to(tl.int64) * stride_qmb + o_m * stride_qmn, mask=m_m, other=0) != 0)
-    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2)
+    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2, drop_scale, drop_scale_lo, EXACT_SCALE, DROPOUT)
 
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None].to(tl.int64) * stride_on + o_d[None, :] * stride_od, b_o.to(O.dtype.element_ty),
@@ -178,10 +186,10 @@ def _seg_fwd_kernel(
     tl.store(p_l + o_m * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"])
 @triton.jit
 def _seg_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, SEG_START, SEG_END,
+    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, SEG_START, SEG_END, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -192,9 +200,10 @@ def _seg_bwd_dq_kernel(
     stride_kmb, stride_kmn, stride_gb, stride_gn,
     stride_ssb, stride_ssn, stride_seb, stride_sen,
     n, n_glob, heads_per_kv, seg_size,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, SEG,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // heads_per_kv
@@ -219,6 +228,10 @@ def _seg_bwd_dq_kernel(
     b_q = tl.load(p_q + o_pm[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
     b_do = tl.load(p_do + o_pm[:, None] * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None], other=0.0)
     b_lse, b_delta = attn_bwd_load_rows(p_lse, p_delta, o_pm, stride_ln, stride_den, m_m, True, USE_EXP2)
+    drop_thresh, b_rk = 0, 0
+    if DROPOUT:
+        drop_seed, drop_thresh = dropout_load(DROP)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_pm)
 
     b_start, b_end = _segments(o_m, m_m, n, p_ss, p_se, stride_ssn, stride_sen, seg_size, FIXED)
     before = (o_m - b_start)[:, None]  # [BM, 1]
@@ -231,20 +244,24 @@ def _seg_bwd_dq_kernel(
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, full_lo, full_hi, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, full_hi, hi, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
             p_k, p_v, stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale,
+            drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -252,10 +269,10 @@ def _seg_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG"])
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT"])
 @triton.jit
 def _seg_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KM, SEG_START, SEG_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KM, SEG_START, SEG_END, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -267,9 +284,9 @@ def _seg_bwd_dkdv_kernel(
     stride_kmb, stride_kmn,
     stride_ssb, stride_ssn, stride_seb, stride_sen,
     n, heads_per_kv, seg_size,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, SEG,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
-    HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
     i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -298,6 +315,9 @@ def _seg_bwd_dkdv_kernel(
     s_first, e_first = _segments(j_first, j_first < n, n, p_ss, p_se, stride_ssn, stride_sen, seg_size, FIXED)
     s_last, e_last = _segments(j_last, j_last < n, n, p_ss, p_se, stride_ssn, stride_sen, seg_size, FIXED)
     lo, full_lo, full_hi, hi = _segment_block_range(s_first, e_first, s_last, e_last, BLOCK_M)
+    drop_seed, drop_thresh = 0, 0
+    if DROPOUT:  # row keys are rebuilt per query head from the seed; key columns = key positions
+        drop_seed, drop_thresh = dropout_load(DROP)
 
     for i_g in range(0, heads_per_kv):
         i_h = i_hk * heads_per_kv + i_g
@@ -305,18 +325,25 @@ def _seg_bwd_dkdv_kernel(
         p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         p_lse = LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
         p_delta = DELTA + i_b.to(tl.int64) * stride_deb + i_h.to(tl.int64) * stride_deh
+        drop_bh = i_b * heads_per_kv * tl.num_programs(1) + i_h  # b·H + h
         b_dk, b_dv = attn_bwd_dkdv_range(
             b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_den,
             o_d * stride_qd, o_d * stride_dod, lo, full_lo, s_first, e_last, 0, 1, before, after,
-            qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+            qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
+            drop_bh=drop_bh, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo,
+            DROPOUT=DROPOUT)
         b_dk, b_dv = attn_bwd_dkdv_range(
             b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_den,
             o_d * stride_qd, o_d * stride_dod, full_lo, full_hi, s_first, e_last, 0, 1, before, after,
-            qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2)
+            qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
+            drop_bh=drop_bh, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo,
+            DROPOUT=DROPOUT)
         b_dk, b_dv = attn_bwd_dkdv_range(
             b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_den,
             o_d * stride_qd, o_d * stride_dod, full_hi, hi, s_first, e_last, 0, 1, before, after,
-            qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+            qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
+            drop_bh=drop_bh, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo,
+            DROPOUT=DROPOUT)
 
     # keys the segment pass does not see (padding, global) get nothing from it
     m_key = m_n
@@ -390,6 +417,14 @@ def _segment_args(segment_size: Optional[int], segment_bounds, q: torch.Tensor) 
                 stride_seb=end.stride(0), stride_sen=end.stride(1), seg_size=0, SEG=0, FIXED=False)
 
 
+def _seg_dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], q: torch.Tensor) -> dict:
+    """The sliding-window family's dropout arguments, less its gathered-row table (a segment
+    pass's rows are token positions)."""
+    drop = _dropout_args(dropout_p, dropout_state, None, q)
+    del drop["DROW"], drop["stride_drb"], drop["DROP_ROWS"]
+    return drop
+
+
 def segment_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -401,6 +436,8 @@ def segment_fwd(
     query_mask: Optional[torch.Tensor] = None,
     key_mask: Optional[torch.Tensor] = None,
     global_keys: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Segment-local attention forward.
 
@@ -416,12 +453,15 @@ def segment_fwd(
             query row also sees; must be distinct and disjoint from the ``key_mask``-visible
             keys (else they count twice).
         scale: softmax scale (default ``D ** -0.5``).
+        dropout_p: attention dropout on the probabilities, in ``[0, 1)`` (:mod:`lhattn._dropout`).
+        dropout_state: int64 ``[2] = (seed, T)`` on q's device; needed when ``dropout_p > 0``.
 
     Returns:
         ``out [B, H, N, D]`` (q's dtype, contiguous) and ``lse [B, H, N]`` (float32;
-        float64 for float64 inputs; ``-inf`` where a row sees no key).
+        float64 for float64 inputs; ``-inf`` where a row sees no key; the undropped softmax's).
     """
     _check(q, k, v, segment_size, segment_bounds)
+    drop = _seg_dropout_args(dropout_p, dropout_state, q)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -449,7 +489,8 @@ def segment_fwd(
         n=n, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
         qk_scale=qk_scale, qk_scale_lo=qk_scale_lo,
         HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global,
-        EXACT_SCALE=exact, USE_EXP2=use_exp2, **_segment_args(segment_size, segment_bounds, q), **_meta("fwd"),
+        EXACT_SCALE=exact, USE_EXP2=use_exp2, **_segment_args(segment_size, segment_bounds, q), **drop,
+        **_meta("fwd"),
     )
     return out, lse
 
@@ -467,9 +508,12 @@ def segment_bwd(
     scale: Optional[float] = None,
     key_mask: Optional[torch.Tensor] = None,
     global_keys: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`segment_fwd` (same arguments; ``query_mask`` is not needed:
-    masked rows carry ``lse = -inf`` and get zero gradients).
+    masked rows carry ``lse = -inf`` and get zero gradients).  ``out`` is the (dropped)
+    output of the forward, the same dropout arguments regenerate its keep bits.
 
     Returns ``dq [B, H, N, D]``, ``dk, dv [B, H_kv, N, D]`` in the input dtype
     (contiguous); dk/dv are summed over the query heads of each kv head (GQA).
@@ -485,8 +529,9 @@ def segment_bwd(
     has_global = global_keys is not None and global_keys.shape[1] > 0
     gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
     seg = _segment_args(segment_size, segment_bounds, q)
+    drop = _seg_dropout_args(dropout_p, dropout_state, q)
 
-    delta = bwd_preprocess(out, dout)  # [B, H, N]
+    delta = bwd_preprocess(out, dout)  # [B, H, N]; rowsum(dO ∘ O) of the dropped O
     common = dict(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
@@ -509,7 +554,7 @@ def segment_bwd(
         stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqn=dq.stride(2), stride_dqd=dq.stride(3),
         stride_kmb=s_kmb, stride_kmn=s_kmn, stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
         n=n, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
-        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **seg, **common, **_meta("dq"),
+        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **seg, **common, **drop, **_meta("dq"),
     )
 
     # dk, dv: one program per key block and kv head (segment part)
@@ -524,9 +569,10 @@ def segment_bwd(
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
         stride_kmb=s_kmb, stride_kmn=s_kmn, n=n, heads_per_kv=h // h_kv,
-        HAS_KMASK=key_mask is not None, **seg, **common, **_meta("dkdv"),
+        HAS_KMASK=key_mask is not None, **seg, **common, **drop, **_meta("dkdv"),
     )
 
     if has_global:  # the global keys are seen by every (local) row
-        add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common)
+        add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common, dropout_p=dropout_p,
+                             dropout_state=dropout_state)
     return dq, dk, dv

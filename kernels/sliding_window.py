@@ -14,6 +14,14 @@ residue ``r`` form an ordinary sliding window of ``(left, right)`` neighbours, s
 program works on one residue class through strided addressing, and only the
 band-edge blocks are masked, exactly as without dilation.
 
+Attention dropout (``dropout_p > 0``, the rule of :mod:`lhattn._dropout`, ``DROPOUT``
+constexpr): every kernel regenerates the keep bits of the scores it visits from the
+dropout state; a query row's token position is its position in ``q`` (the residue's
+``r + t·d``), or ``drop_rows[b, m]`` for gathered rows (the global rows of the dense
+pass); a key's column is always its token position.  A dense pass split over key chunks
+drops each chunk's partial output with that chunk's columns; the log-sum-exp merge stays
+exact (dropout is linear in ``P`` and ``lse`` is the undropped one).
+
 Launchers (no autograd here):
 
 * :func:`sliding_window_fwd` ``-> (out [B, H, Nq, D], lse [B, H, Nq])``
@@ -35,7 +43,8 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_list, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, block_range,
-                    bwd_preprocess, cast_to, merge_partials, next_power_of_2, split_scale, sum_partial_rows, _scale)
+                    bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys, dropout_scale,
+                    merge_partials, next_power_of_2, split_scale, sum_partial_rows, _scale)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -118,21 +127,34 @@ def _split(n_programs: int, n_items: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL"])
+@triton.jit
+def _dropout_rows(DROP, p_drow, o_pos, m_rows, i_bh, DROP_ROWS: tl.constexpr):
+    """``(T, row keys [BM])`` of the dropout rule for the query rows at positions ``o_pos [BM]``
+    (int64) of query head ``i_bh = b·H + h``.  A row's token position is its position, or with
+    ``DROP_ROWS`` the int64 ``p_drow[position]`` (gathered rows; ``m_rows`` masks the load)."""
+    drop_seed, drop_thresh = dropout_load(DROP)
+    if DROP_ROWS:
+        o_tok = tl.load(p_drow + o_pos, mask=m_rows, other=0)
+    else:
+        o_tok = o_pos
+    return drop_thresh, dropout_row_keys(dropout_head_key(drop_seed, i_bh), o_tok)
+
+
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"])
 @triton.jit
 def _sw_fwd_kernel(
-    Q, K, V, O, LSE, QM, KM, GIDX,
+    Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_os, stride_ob, stride_oh, stride_on, stride_od,
     stride_ls, stride_lb, stride_lh, stride_ln,
-    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn,
+    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn, stride_drb,
     n_q, n_k, n_glob, heads_per_kv, left, right, dilation, chunk, n_split,
-    qk_scale, qk_scale_lo, SPAN,
+    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
 ):
     # program -> (query block i_m, key chunk i_s, residue i_r); heads; batch
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -158,6 +180,10 @@ def _sw_fwd_kernel(
     o_pq = (i_r + o_m * dilation).to(tl.int64)  # [BM] query positions
     o_d = tl.arange(0, HEAD_DIM)
     b_q = tl.load(p_q + o_pq[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
+    drop_thresh, b_rk = 0, 0
+    if DROPOUT:  # key columns = key positions; this chunk's output is dropped with its own columns
+        drop_thresh, b_rk = _dropout_rows(DROP, DROW + i_b.to(tl.int64) * stride_drb, o_pq, m_m,
+                                          i_b * tl.num_programs(1) + i_h, DROP_ROWS)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
@@ -168,26 +194,26 @@ def _sw_fwd_kernel(
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, full_lo, full_hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     if HAS_GLOBAL:
         # keys every row sees, at absolute positions (never split: n_split == 1 here)
         acc, m_i, l_i = attn_fwd_list(
             acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
             stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     m_row = m_m
     if HAS_QMASK:
         m_row = m_row & (tl.load(QM + i_b.to(tl.int64) * stride_qmb + o_pq * stride_qmn, mask=m_m, other=0) != 0)
-    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2)
+    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2, drop_scale, drop_scale_lo, EXACT_SCALE, DROPOUT)
 
     p_o = O + i_s.to(tl.int64) * stride_os + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_pq[:, None] * stride_on + o_d[None, :] * stride_od, cast_to(b_o, O.dtype.element_ty),
@@ -196,10 +222,10 @@ def _sw_fwd_kernel(
     tl.store(p_l + o_pq * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"])
 @triton.jit
 def _sw_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX,
+    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, DROP, DROW,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -207,11 +233,12 @@ def _sw_bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_deb, stride_deh, stride_den,
     stride_dqs, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_kmb, stride_kmn, stride_gb, stride_gn,
+    stride_kmb, stride_kmn, stride_gb, stride_gn, stride_drb,
     n_q, n_k, n_glob, heads_per_kv, left, right, dilation, chunk, n_split,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, SPAN,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
 ):
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_r = i_blk % dilation
@@ -241,26 +268,34 @@ def _sw_bwd_dq_kernel(
     b_q = tl.load(p_q + o_pq[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
     b_do = tl.load(p_do + o_pq[:, None] * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None], other=0.0)
     b_lse, b_delta = attn_bwd_load_rows(p_lse, p_delta, o_pq, stride_ln, stride_den, m_m, True, USE_EXP2)
+    drop_thresh, b_rk = 0, 0
+    if DROPOUT:
+        drop_thresh, b_rk = _dropout_rows(DROP, DROW + i_b.to(tl.int64) * stride_drb, o_pq, m_m,
+                                          i_b * tl.num_programs(1) + i_h, DROP_ROWS)
 
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, full_lo, full_hi, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
             p_k, p_v, stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale,
+            drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
     p_dq = DQ + i_s.to(tl.int64) * stride_dqs + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -268,10 +303,10 @@ def _sw_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN"])
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT"])
 @triton.jit
 def _sw_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KM,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KM, DROP, DROW,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -280,11 +315,12 @@ def _sw_bwd_dkdv_kernel(
     stride_deb, stride_deh, stride_den,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_kmb, stride_kmn,
+    stride_kmb, stride_kmn, stride_drb,
     n_q, n_k, heads_per_kv, left, right, dilation,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, SPAN,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
 ):
     # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
     i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -315,21 +351,32 @@ def _sw_bwd_dkdv_kernel(
     p_do = DO + i_b.to(tl.int64) * stride_dob
     p_lse = LSE + i_b.to(tl.int64) * stride_lb
     p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    p_drow = DROW + i_b.to(tl.int64) * stride_drb
+    drop_seed, drop_thresh, drop_bh0 = 0, 0, 0
+    if DROPOUT:  # row keys are rebuilt per query head from the seed; key columns = key positions
+        drop_seed, drop_thresh = dropout_load(DROP)
+        drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         lo, full_lo, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         full_lo, full_hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_M, False, EXACT_SCALE, USE_EXP2)
+        BLOCK_M, False, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         full_hi, hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
 
     m_key = m_n
     if HAS_KMASK:
@@ -344,10 +391,10 @@ def _sw_bwd_dkdv_kernel(
              mask=m_n[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM"])
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "DROPOUT"])
 @triton.jit
 def _sw_bwd_dkdv_global_kernel(
-    Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX,
+    Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -355,11 +402,11 @@ def _sw_bwd_dkdv_global_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_deb, stride_deh, stride_den,
     stride_ps, stride_pb, stride_ph, stride_pg, stride_pd,
-    stride_gb, stride_gn,
+    stride_gb, stride_gn, stride_drb,
     n_q, n_glob, heads_per_kv, chunk, n_split,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
 ):
     # one program = BLOCK_N listed (global) keys x one chunk of query rows; partial sums out
     i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -388,16 +435,25 @@ def _sw_bwd_dkdv_global_kernel(
     p_do = DO + i_b.to(tl.int64) * stride_dob
     p_lse = LSE + i_b.to(tl.int64) * stride_lb
     p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    p_drow = DROW + i_b.to(tl.int64) * stride_drb
+    drop_seed, drop_thresh, drop_bh0 = 0, 0, 0
+    if DROPOUT:  # the listed keys' columns are their positions o_pk (empty slots are zeroed below)
+        drop_seed, drop_thresh = dropout_load(DROP)
+        drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         r_begin, r_full, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
-        BLOCK_M, False, EXACT_SCALE, USE_EXP2)
+        BLOCK_M, False, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         r_full, r_end, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
-        BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
 
     b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
     b_dv = tl.where(m_key[:, None], b_dv, 0.0)
@@ -440,6 +496,36 @@ def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.T
     return m, m.stride(0), m.stride(1)
 
 
+def _dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], drop_rows: Optional[torch.Tensor],
+                  q: torch.Tensor, dilation: int = 1) -> dict:
+    """Kernel arguments of attention dropout (:mod:`lhattn._dropout`): the state ``(seed, T)``,
+    the row-position table ``drop_rows [B, Nq]`` (made contiguous) and ``1 / (1 - p)``; with
+    ``dropout_p == 0`` dummies and ``DROPOUT=False`` (the compiled no-dropout kernels)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dummy = q.new_zeros((1, 1), dtype=torch.int64)
+    if dropout_p == 0.0:
+        return dict(DROP=dummy, DROW=dummy, stride_drb=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT=False,
+                    DROP_ROWS=False)
+    if (dropout_state is None or dropout_state.shape != (2,) or dropout_state.dtype != torch.int64
+            or dropout_state.device != q.device):
+        got = None if dropout_state is None else (tuple(dropout_state.shape), dropout_state.dtype,
+                                                  dropout_state.device)
+        raise ValueError(f"dropout_p > 0 needs dropout_state, an int64 [2] tensor (seed, T) on {q.device}; "
+                         f"got {got}")
+    if drop_rows is not None:
+        b, _, nq, _ = q.shape
+        if drop_rows.shape != (b, nq) or drop_rows.dtype != torch.int64 or drop_rows.device != q.device:
+            raise ValueError(f"drop_rows must be an int64 [B, Nq] = {(b, nq)} tensor on {q.device}, got "
+                             f"{tuple(drop_rows.shape)} {drop_rows.dtype} on {drop_rows.device}")
+        if dilation != 1:
+            raise ValueError(f"drop_rows (gathered query rows) needs dilation 1, got dilation={dilation}")
+    rows = dummy if drop_rows is None else drop_rows.contiguous()
+    hi, lo = dropout_scale(dropout_p, q.dtype)
+    return dict(DROP=dropout_state, DROW=rows, stride_drb=rows.stride(0), drop_scale=hi, drop_scale_lo=lo,
+                DROPOUT=True, DROP_ROWS=drop_rows is not None)
+
+
 def _bands(window, nq: int, nk: int) -> Tuple[int, int, int]:
     """``(left, right, SPAN)`` in kernel units: clamped window, or 'everything' for dense."""
     if window is None:
@@ -459,6 +545,9 @@ def sliding_window_fwd(
     query_mask: Optional[torch.Tensor] = None,
     key_mask: Optional[torch.Tensor] = None,
     global_keys: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[torch.Tensor] = None,
+    drop_rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Banded (or dense) attention forward.
 
@@ -472,12 +561,18 @@ def sliding_window_fwd(
             query row also sees; must be distinct and disjoint from ``key_mask``-visible
             keys inside the window (else they count twice).  Window mode only.
         scale: softmax scale (default ``D ** -0.5``).
+        dropout_p: attention dropout on the probabilities, in ``[0, 1)`` (:mod:`lhattn._dropout`).
+        dropout_state: int64 ``[2] = (seed, T)`` on q's device; needed when ``dropout_p > 0``.
+            ``H`` of the rule's ``b·H + h`` is q's head count; key columns are key positions.
+        drop_rows: ``[B, Nq]`` int64: the token position of query row ``m`` (gathered rows,
+            e.g. the global rows of a dense pass; dilation 1 only); None: row ``m`` is position ``m``.
 
     Returns:
         ``out [B, H, Nq, D]`` (q's dtype, contiguous) and ``lse [B, H, Nq]`` (float32;
-        float64 for float64 inputs; ``-inf`` where a row sees no key).
+        float64 for float64 inputs; ``-inf`` where a row sees no key; the undropped softmax's).
     """
     _check(q, k, v, window, dilation)
+    drop = _dropout_args(dropout_p, dropout_state, drop_rows, q, dilation)
     b, h, nq, d = q.shape
     h_kv, nk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -518,9 +613,9 @@ def sliding_window_fwd(
         left=left, right=right, dilation=dilation, chunk=chunk, n_split=n_split,
         qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, SPAN=span,
         HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global,
-        EXACT_SCALE=exact, USE_EXP2=use_exp2, **_meta("fwd"),
+        EXACT_SCALE=exact, USE_EXP2=use_exp2, **drop, **_meta("fwd"),
     )
-    if n_split > 1:
+    if n_split > 1:  # each chunk's output is already dropped with its own columns
         merge_partials(o_dst, l_dst, out, lse)
     return out, lse
 
@@ -538,9 +633,13 @@ def sliding_window_bwd(
     scale: Optional[float] = None,
     key_mask: Optional[torch.Tensor] = None,
     global_keys: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[torch.Tensor] = None,
+    drop_rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`sliding_window_fwd` (same arguments; ``query_mask`` is not
-    needed: masked rows carry ``lse = -inf`` and get zero gradients).
+    needed: masked rows carry ``lse = -inf`` and get zero gradients).  ``out`` is the
+    (dropped) output of the forward, the same dropout arguments regenerate its keep bits.
 
     Returns ``dq [B, H, Nq, D]``, ``dk, dv [B, H_kv, Nk, D]`` in the input dtype
     (contiguous); dk/dv are summed over the query heads of each kv head (GQA).
@@ -557,8 +656,9 @@ def sliding_window_bwd(
     km, s_kmb, s_kmn = _mask_arg(key_mask, q)
     has_global = global_keys is not None and global_keys.shape[1] > 0
     gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+    drop = _dropout_args(dropout_p, dropout_state, drop_rows, q, dilation)
 
-    delta = bwd_preprocess(out, dout)  # [B, H, Nq]
+    delta = bwd_preprocess(out, dout)  # [B, H, Nq]; rowsum(dO ∘ O) of the dropped O
 
     # dq: one program per query block (dense passes split over key chunks, partials summed)
     dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
@@ -588,7 +688,7 @@ def sliding_window_bwd(
         stride_kmb=s_kmb, stride_kmn=s_kmn, stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
         n_q=nq, n_k=nk, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
         left=left, right=right, dilation=dilation, chunk=chunk, n_split=n_split, SPAN=span,
-        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **common, **_meta("dq"),
+        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **common, **drop, **_meta("dq"),
     )
     if n_split > 1:
         sum_partial_rows(dq_dst, dq)
@@ -606,30 +706,36 @@ def sliding_window_bwd(
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
         stride_kmb=s_kmb, stride_kmn=s_kmn,
         n_q=nq, n_k=nk, heads_per_kv=h // h_kv, left=left, right=right, dilation=dilation, SPAN=span,
-        HAS_KMASK=key_mask is not None, **common, **_meta("dkdv"),
+        HAS_KMASK=key_mask is not None, **common, **drop, **_meta("dkdv"),
     )
 
     if has_global:  # the listed keys are seen by every query row
-        add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common)
+        add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common, dropout_p=dropout_p,
+                             dropout_state=dropout_state, drop_rows=drop_rows)
     return dq, dk, dv
 
 
 def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          lse: torch.Tensor, delta: torch.Tensor, global_keys: torch.Tensor,
-                         dk: torch.Tensor, dv: torch.Tensor, common: dict) -> None:
+                         dk: torch.Tensor, dv: torch.Tensor, common: dict, *, dropout_p: float = 0.0,
+                         dropout_state: Optional[torch.Tensor] = None,
+                         drop_rows: Optional[torch.Tensor] = None) -> None:
     """``dk[b, :, g] +=`` / ``dv[b, :, g] +=`` the gradient of the listed keys
     ``global_keys [B, G]`` (int64, distinct, negative = empty slot), which every query row
     sees (rows with ``lse = -inf`` contribute nothing).  ``common``: the stride / scale
     keywords of the backward kernels (q, k, v, dout, lse, delta strides; qk/sm scales;
     HEAD_DIM, EXACT_SCALE, USE_EXP2), as built by :func:`sliding_window_bwd`.  Rows are
     split into chunks when there are too few programs; partials are summed deterministically.
-    Shared by every family with global tokens (sliding window, segments)."""
+    Dropout as :func:`sliding_window_fwd` (``drop_rows [B, Nq]``: the token positions of q's rows,
+    None: row ``m`` is position ``m``; the listed keys' columns are their positions).
+    Shared by every family with global tokens (sliding window, segments, LSG)."""
     b, h, nq, d = q.shape
     h_kv = k.shape[1]
     n_glob = global_keys.shape[1]
     block_n = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 64
     chunk_r = _split(b * h_kv * triton.cdiv(n_glob, block_n), nq, q.device)
     n_split_r = triton.cdiv(nq, chunk_r)
+    drop = _dropout_args(dropout_p, dropout_state, drop_rows, q)
     dk_parts = torch.empty((n_split_r, b, h_kv, n_glob, d), dtype=acc_dtype(q.dtype), device=q.device)
     dv_parts = torch.empty_like(dk_parts)
 
@@ -642,7 +748,7 @@ def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         stride_pg=dk_parts.stride(3), stride_pd=dk_parts.stride(4),
         stride_gb=global_keys.stride(0), stride_gn=global_keys.stride(1),
         n_q=nq, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk_r, n_split=n_split_r,
-        **common, **_meta("dkdv"),
+        **common, **drop, **_meta("dkdv"),
     )
     sum_partial_rows(dk_parts, dk, global_keys, accumulate=True)
     sum_partial_rows(dv_parts, dv, global_keys, accumulate=True)
