@@ -43,6 +43,13 @@ Kernels
   tokens) on the rows ``[g, N)``: split into row chunks whose partial sums are added
   deterministically (no atomics).
 
+Attention dropout (``DROPOUT`` constexpr; the rule of :mod:`lhattn._dropout` through the
+:mod:`._core` helpers): a row's keys come from ``b·H + h`` (``H`` = query heads) and its token
+position; a token key's column (local, global) is its position, compressed key ``p``'s is ``N + p``
+-- also for ``bos_pooling``'s per-query-head compressed keys.  The dense path and the global-key
+gradient get the same state (the rows ``[g, N)`` of the latter by their positions, ``drop_rows``).
+The backward regenerates the keep bits; nothing is stored.
+
 Memory: ``out``, ``lse`` and, in the backward, ``delta [B, H, N]``, ``[S, B, H_kv, g, D]``
 partials of the global keys and (non-causal, ``g > 0``) the dense path's ``dk, dv
 [B, H_kv, N, D]`` of the global rows, read once by the local dk/dv kernel; nothing of size
@@ -59,7 +66,8 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
-                    next_power_of_2, split_scale)
+                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, dropout_scale, next_power_of_2,
+                    split_scale)
 from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
 
 __all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS"]
@@ -128,10 +136,11 @@ def _meta(kind: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE"], tile="BLOCK_M", bound="block_size")
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
+        bound="block_size")
 @triton.jit
 def _lsg_fwd_kernel(
-    Q, K, V, KC, VC, SV, KM, O, LSE,
+    Q, K, V, KC, VC, SV, KM, O, LSE, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -142,10 +151,10 @@ def _lsg_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
     n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_kv, heads_per_c, big,
-    qk_scale, qk_scale_lo,
+    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # program -> (LSG block i_t, sub-tile of BLOCK_M rows); heads; batch
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -170,6 +179,11 @@ def _lsg_fwd_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     b_q = tl.load(p_q + o_m[:, None].to(tl.int64) * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None],
                   other=0.0)  # [BM, D]
+    b_rk = 0
+    drop_thresh = 0
+    if DROPOUT:  # row keys of (b·H + h, token position); H = the grid's head axis
+        drop_seed, drop_thresh = dropout_load(DROP)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
@@ -187,15 +201,18 @@ def _lsg_fwd_kernel(
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
         lo, full_lo, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
         full_lo, full_hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
         full_hi, hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     if HAS_SPARSE:
         # compressed keys: every row of the block sees the same interval of at most sb keys,
@@ -216,18 +233,20 @@ def _lsg_fwd_kernel(
             acc, m_i, l_i = attn_fwd_range(
                 acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
                 o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
-                BLOCK_N, True, True, EXACT_SCALE, USE_EXP2)
+                BLOCK_N, True, True, EXACT_SCALE, USE_EXP2,
+                b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
 
     # global keys [0, g): few, always edge-masked
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
         0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     m_row = m_m
     if HAS_KMASK:  # padding rows output 0, lse -inf
         m_row = m_row & (tl.load(p_km + o_m.to(tl.int64) * stride_kmn, mask=m_m, other=0) != 0)
-    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2)
+    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2, drop_scale, drop_scale_lo, EXACT_SCALE, DROPOUT)
     p_o = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     tl.store(p_o + o_m[:, None].to(tl.int64) * stride_on + o_d[None, :] * stride_od, cast_to(b_o, O.dtype.element_ty),
              mask=m_m[:, None])
@@ -235,10 +254,11 @@ def _lsg_fwd_kernel(
     tl.store(p_l + o_m.to(tl.int64) * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE"], tile="BLOCK_M", bound="block_size")
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
+        bound="block_size")
 @triton.jit
 def _lsg_bwd_dq_kernel(
-    Q, K, V, KC, VC, SV, KM, DO, LSE, DELTA, DQ,
+    Q, K, V, KC, VC, SV, KM, DO, LSE, DELTA, DQ, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -251,12 +271,12 @@ def _lsg_bwd_dq_kernel(
     stride_deb, stride_deh, stride_den,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_kv, heads_per_c, big,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    # the forward's program layout and source loop; dS = P ∘ (dP − delta), dq += dS k
+    # the forward's program layout and source loop; dS = P ∘ (dP' − delta), dq += dS k
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_sub = tl.cdiv(block_size, BLOCK_M)
     i_t = i_blk // n_sub
@@ -285,6 +305,11 @@ def _lsg_bwd_dq_kernel(
     b_do = tl.load(p_do + o_pq[:, None] * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None], other=0.0)
     b_lse, b_delta = attn_bwd_load_rows(p_lse, p_delta, o_pq, stride_ln, stride_den, m_m, True, USE_EXP2)
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    b_rk = 0
+    drop_thresh = 0
+    if DROPOUT:  # the forward's row keys
+        drop_seed, drop_thresh = dropout_load(DROP)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
 
     k_begin = tl.maximum(t_start - block_size, n_global)
     if CAUSAL:
@@ -297,15 +322,18 @@ def _lsg_bwd_dq_kernel(
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, full_lo, full_hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, full_hi, hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
 
     if HAS_SPARSE:
         i_hc = i_h // heads_per_c
@@ -323,12 +351,14 @@ def _lsg_bwd_dq_kernel(
             b_dq = attn_bwd_dq_range(
                 b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
                 o_d * stride_kcd, o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big,
-                qk_scale, qk_scale_lo, BLOCK_N, True, True, EXACT_SCALE, USE_EXP2)
+                qk_scale, qk_scale_lo, BLOCK_N, True, True, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=n,
+                drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
 
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, 0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2)
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -341,10 +371,10 @@ def _lsg_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL"], tile="BLOCK_N", bound="block_size")
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], tile="BLOCK_N", bound="block_size")
 @triton.jit
 def _lsg_bwd_dkdv_local_kernel(
-    Q, K, V, DO, LSE, DELTA, KM, DKI, DVI, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KM, DKI, DVI, DK, DV, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -357,10 +387,10 @@ def _lsg_bwd_dkdv_local_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n, n_global, block_offset, block_size, heads_per_kv, big,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_DK_IN: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # one program = BLOCK_N non-global keys of LSG block i_u, one kv head, summed over its query heads
     i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -401,19 +431,29 @@ def _lsg_bwd_dkdv_local_kernel(
     p_do = DO + i_b.to(tl.int64) * stride_dob
     p_lse = LSE + i_b.to(tl.int64) * stride_lb
     p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    drop_seed = 0
+    drop_thresh = 0
+    if DROPOUT:
+        drop_seed, drop_thresh = dropout_load(DROP)
+    drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H (query heads); the keys' columns are o_n
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        lo, full_lo, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+        lo, full_lo, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         full_lo, full_hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE,
-        USE_EXP2)
+        USE_EXP2, b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        full_hi, hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2)
+        full_hi, hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+        b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
 
     m_key = m_n
     if HAS_KMASK:  # padding keys were never seen
@@ -444,6 +484,7 @@ def _sparse_dkdv_heads(
     stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
     row_lo, row_hi, block_offset, block_size, sparse_size, sparse_step, qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the compressed keys ``o_c [BN]`` (``b_k, b_v [BN, D]``)
     over the non-global rows ``[row_lo, row_hi)`` (``row_lo >= max(g, o)``), ``BLOCK_M`` at a time,
@@ -453,7 +494,8 @@ def _sparse_dkdv_heads(
     (non-causal) its right window ``[(t+2)s, (t+2)s + sb)``: a row tile may straddle blocks, so the
     window is applied per element.  Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
     over heads and row blocks, transposed ``[BN, BM]`` tiles; the caller applies the scale and
-    zeroes the keys the forward never saw)."""
+    zeroes the keys the forward never saw).  ``DROPOUT``: as there; the keys' columns are
+    ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``."""
     n_blk = tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_M)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
@@ -474,17 +516,26 @@ def _sparse_dkdv_heads(
         b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
         b_st = tl.where(m_vis & m_i[None, :], b_st, float("-inf"))
         b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
-        b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
+        if DROPOUT:
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_pos)  # [BM]
+            b_keep_t = dropout_keep(b_kcol, b_rk, drop_thresh)  # [BN, BM]: the hash's xor is symmetric
+            b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+            b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
+        else:
+            b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
         b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
+        if DROPOUT:
+            b_dpt = tl.where(b_keep_t, _scale(b_dpt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
     return b_dk, b_dv
 
 
-@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL"], tile="BLOCK_N", bound="n_c")
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL", "DROPOUT"], tile="BLOCK_N",
+        bound="n_c")
 @triton.jit
 def _lsg_bwd_dkdv_sparse_kernel(
-    Q, KC, VC, SV, DO, LSE, DELTA, DKC, DVC,
+    Q, KC, VC, SV, DO, LSE, DELTA, DKC, DVC, DROP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kcb, stride_kch, stride_kcn, stride_kcd,
     stride_vcb, stride_vch, stride_vcn, stride_vcd,
@@ -495,9 +546,9 @@ def _lsg_bwd_dkdv_sparse_kernel(
     stride_dkcb, stride_dkch, stride_dkcn, stride_dkcd,
     stride_dvcb, stride_dvch, stride_dvcn, stride_dvcd,
     n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_c, big,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # one program = BLOCK_N compressed keys of one compressed head, summed over its query heads
     i_n, i_hc, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -540,6 +591,11 @@ def _lsg_bwd_dkdv_sparse_kernel(
     p_do = DO + i_b.to(tl.int64) * stride_dob
     p_lse = LSE + i_b.to(tl.int64) * stride_lb
     p_delta = DELTA + i_b.to(tl.int64) * stride_deb
+    drop_seed = 0
+    drop_thresh = 0
+    if DROPOUT:
+        drop_seed, drop_thresh = dropout_load(DROP)
+    drop_bh0 = i_b * heads_per_c * tl.num_programs(1)  # b·H (query heads)
     for side in tl.static_range(1 if CAUSAL else 2):
         if side == 0:
             row_lo, row_hi = rows_l_lo, rows_l_hi
@@ -549,7 +605,8 @@ def _lsg_bwd_dkdv_sparse_kernel(
             b_dk, b_dv, b_k, b_v, o_c, p_q, p_do, p_lse, p_delta, i_h0, heads_per_c, stride_qh, stride_doh,
             stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
             row_lo, row_hi, block_offset, block_size, sparse_size, sparse_step, qk_scale, qk_scale_lo,
-            BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2)
+            BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2,
+            (n + o_c).to(tl.uint32), drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
 
     m_key = m_c & (tl.load(SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh + o_pc * stride_svn,
                            mask=m_c, other=0) != 0)  # invalid compressed keys were never seen
@@ -617,31 +674,50 @@ def _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, spa
                          f"{tuple(k_sparse.shape)}, got {tuple(sparse_valid.shape)} {sparse_valid.dtype}")
 
 
-def _dense_fwd(q, k, v, rows: int, causal: bool, scale: float, key_valid):
-    """Rows ``[0, rows)`` see every key (``j <= i`` when causal): the sliding-window dense path."""
+def _dense_fwd(q, k, v, rows: int, causal: bool, scale: float, key_valid, dropout: dict):
+    """Rows ``[0, rows)`` see every key (``j <= i`` when causal): the sliding-window dense path.
+    Its rows and key indices are token positions, so its dropout (``dropout``: ``dropout_p``,
+    ``dropout_state``) is LSG's."""
     valid_rows = None if key_valid is None else key_valid[:, :rows]
     if causal:  # row i < rows sees keys [0, i]: a band over the first `rows` tokens
         return sliding_window_fwd(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows], window=(rows, 0), scale=scale,
-                                  query_mask=valid_rows, key_mask=valid_rows)
+                                  query_mask=valid_rows, key_mask=valid_rows, **dropout)
     return sliding_window_fwd(q[:, :, :rows], k, v, window=None, scale=scale, query_mask=valid_rows,
-                              key_mask=key_valid)
+                              key_mask=key_valid, **dropout)
 
 
-def _dense_bwd(dout, q, k, v, out, lse, rows: int, causal: bool, scale: float, key_valid):
+def _dense_bwd(dout, q, k, v, out, lse, rows: int, causal: bool, scale: float, key_valid, dropout: dict):
     """Gradients of :func:`_dense_fwd`: ``dq [B, H, rows, D]``, ``dk, dv`` over the keys it saw
     (``[B, H_kv, rows, D]`` when causal, else ``[B, H_kv, N, D]``)."""
     sl = (slice(None), slice(None), slice(0, rows))
     if causal:
         return sliding_window_bwd(dout[sl], q[sl], k[sl], v[sl], out[sl], lse[sl], window=(rows, 0), scale=scale,
-                                  key_mask=None if key_valid is None else key_valid[:, :rows])
-    return sliding_window_bwd(dout[sl], q[sl], k, v, out[sl], lse[sl], window=None, scale=scale, key_mask=key_valid)
+                                  key_mask=None if key_valid is None else key_valid[:, :rows], **dropout)
+    return sliding_window_bwd(dout[sl], q[sl], k, v, out[sl], lse[sl], window=None, scale=scale, key_mask=key_valid,
+                              **dropout)
+
+
+def _dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], like: torch.Tensor) -> dict:
+    """The kernels' dropout keywords: the state ``(seed, T)`` (a never-read dummy without dropout),
+    ``1 / (1 - p)`` as ``(drop_scale, drop_scale_lo)`` and the ``DROPOUT`` flag."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return dict(DROP=like.new_empty((2,), dtype=torch.int64), drop_scale=1.0, drop_scale_lo=0.0, DROPOUT=False)
+    if dropout_state is None:
+        raise ValueError(f"dropout_p = {dropout_p} needs dropout_state (lhattn._dropout.make_state)")
+    if dropout_state.shape != (2,) or dropout_state.dtype != torch.int64 or dropout_state.device != like.device:
+        raise ValueError(f"dropout_state must be an int64 [2] tensor (seed, T) on {like.device}, got "
+                         f"{tuple(dropout_state.shape)} {dropout_state.dtype} on {dropout_state.device}")
+    drop_scale, drop_scale_lo = dropout_scale(dropout_p, like.dtype)
+    return dict(DROP=dropout_state, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=True)
 
 
 class _Args:
     """Host-side arithmetic shared by the launchers."""
 
     def __init__(self, q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens,
-                 block_offset, causal, scale):
+                 block_offset, causal, scale, dropout_p, dropout_state):
         b, h, n, d = q.shape
         self.scale = d ** -0.5 if scale is None else float(scale)
         self.qk_scale, self.qk_scale_lo, self.exact, self.use_exp2 = split_scale(self.scale, q.dtype)
@@ -663,6 +739,9 @@ class _Args:
         )
         self.sparse = dict(n_c=self.n_c, sparse_size=sparse_block_size, sparse_step=block_size // sparsity_factor,
                            heads_per_c=h // self.h_c)
+        # attention dropout: the sliding-window launchers' keywords and the LSG kernels'
+        self.dropout = dict(dropout_p=dropout_p, dropout_state=dropout_state)
+        self.drop = _dropout_args(dropout_p, dropout_state, q)
 
 
 def _sparse_args(k_sparse, v_sparse, sparse_valid, like):
@@ -689,6 +768,8 @@ def lsg_fwd(
     causal: bool = False,
     scale: Optional[float] = None,
     key_valid: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """LSG attention forward over the given compressed keys.
 
@@ -701,6 +782,9 @@ def lsg_fwd(
             :class:`lhattn.LSG`; block_offset: ``o``, the first token of block 0.
         key_valid: ``[B, N]`` bool, False = padding (never seen; padding rows give 0 / -inf).
         scale: softmax scale (default ``D ** -0.5``).
+        dropout_p, dropout_state: attention dropout (:mod:`lhattn._dropout`): ``p`` in ``[0, 1)``
+            and, when ``p > 0``, the state ``int64 [2] = (seed, T)`` on q's device.  A token key's
+            column is its position, compressed key ``p``'s is ``N + p``; ``lse`` is undropped.
 
     Returns:
         ``out [B, H, N, D]`` (q's dtype, contiguous) and ``lse [B, H, N]`` (float32; float64 for
@@ -709,9 +793,9 @@ def lsg_fwd(
     _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
            num_global_tokens, block_offset)
     a = _Args(q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens, block_offset,
-              causal, scale)
+              causal, scale, dropout_p, dropout_state)
     if is_short(a.n, block_size, block_offset):
-        return _dense_fwd(q, k, v, a.n, causal, a.scale, key_valid)
+        return _dense_fwd(q, k, v, a.n, causal, a.scale, key_valid, a.dropout)
     b, h, n, d = q.shape
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=acc_dtype(q.dtype), device=q.device)
@@ -722,7 +806,7 @@ def lsg_fwd(
         return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), h, b)
 
     _lsg_fwd_kernel[grid](
-        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, O=out, LSE=lse,
+        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, O=out, LSE=lse, **a.drop,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kc", kc), **_strides("vc", vc),
         stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **_strides("km", km, "bn"),
         **_strides("o", out), **_strides("l", lse, "bhn"),
@@ -730,7 +814,7 @@ def lsg_fwd(
         HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, **_meta("fwd"),
     )
     if a.g > 0:  # global rows: every key, dense path
-        out_g, lse_g = _dense_fwd(q, k, v, a.g, causal, a.scale, key_valid)
+        out_g, lse_g = _dense_fwd(q, k, v, a.g, causal, a.scale, key_valid, a.dropout)
         out[:, :, :a.g] = out_g
         lse[:, :, :a.g] = lse_g
     return out, lse
@@ -755,8 +839,11 @@ def lsg_bwd(
     causal: bool = False,
     scale: Optional[float] = None,
     key_valid: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of :func:`lsg_fwd` (same arguments, plus ``dout``, ``out``, ``lse``).
+    """Gradients of :func:`lsg_fwd` (same arguments, plus ``dout``, ``out``, ``lse``; the same
+    ``dropout_state`` regenerates the forward's dropped entries).
 
     Returns ``dq [B, H, N, D]``, ``dk, dv [B, H_kv, N, D]`` (summed over the query heads of each
     kv head) and ``dk_sparse, dv_sparse [B, Hc, Tc, D]`` (None without compressed keys), all in
@@ -765,9 +852,9 @@ def lsg_bwd(
     _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
            num_global_tokens, block_offset)
     a = _Args(q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens, block_offset,
-              causal, scale)
+              causal, scale, dropout_p, dropout_state)
     if is_short(a.n, block_size, block_offset):
-        dq, dk, dv = _dense_bwd(dout, q, k, v, out, lse, a.n, causal, a.scale, key_valid)
+        dq, dk, dv = _dense_bwd(dout, q, k, v, out, lse, a.n, causal, a.scale, key_valid, a.dropout)
         return dq, dk, dv, None, None
     b, h, n, d = q.shape
     acc = acc_dtype(q.dtype)
@@ -783,7 +870,7 @@ def lsg_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dk_in = dv_in = None
     if a.g > 0:
-        dq_g, dk_g, dv_g = _dense_bwd(dout, q, k, v, out, lse, a.g, causal, a.scale, key_valid)
+        dq_g, dk_g, dv_g = _dense_bwd(dout, q, k, v, out, lse, a.g, causal, a.scale, key_valid, a.dropout)
         dq[:, :, :a.g] = dq_g
         dk[:, :, :a.g] = dk_g[:, :, :a.g]
         dv[:, :, :a.g] = dv_g[:, :, :a.g]
@@ -794,7 +881,7 @@ def lsg_bwd(
         return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), h, b)
 
     _lsg_bwd_dq_kernel[grid_q](
-        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, DO=dout, LSE=lse, DELTA=delta, DQ=dq,
+        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, DO=dout, LSE=lse, DELTA=delta, DQ=dq, **a.drop,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kc", kc), **_strides("vc", vc),
         stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **_strides("km", km, "bn"),
         **rows, **_strides("dq", dq), heads_per_kv=h // a.h_kv, **a.sparse, **a.common, **scales,
@@ -809,7 +896,7 @@ def lsg_bwd(
         return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_N"]), a.h_kv, b)
 
     _lsg_bwd_dkdv_local_kernel[grid_kv](
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, KM=km, DKI=dki, DVI=dvi, DK=dk, DV=dv,
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, KM=km, DKI=dki, DVI=dvi, DK=dk, DV=dv, **a.drop,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("km", km, "bn"), **rows,
         **_strides("dki", dki), **_strides("dvi", dvi), **_strides("dk", dk), **_strides("dv", dv),
         heads_per_kv=h // a.h_kv, **scales, **a.common,
@@ -827,12 +914,14 @@ def lsg_bwd(
                       **_strides("l", lse[sl], "bhn"), **_strides("de", delta[sl], "bhn"),
                       qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, HEAD_DIM=d, EXACT_SCALE=a.exact,
                       USE_EXP2=a.use_exp2, **scales)
+        # dropout: row m of these calls is token g + m
+        drop_rows = torch.arange(a.g, n, device=q.device).expand(b, n - a.g) if dropout_p > 0.0 else None
         # add_global_key_grads' band covers slot indices up to (rows + 1): list at most N - g keys
         # per call (one call unless g > N - g; the one-line fix in sliding_window.py makes it moot)
         step = max(n - a.g, 1)
         for j0 in range(0, a.g, step):
             add_global_key_grads(dout[sl], q[sl], k, v, lse[sl], delta[sl], gidx[:, j0:j0 + step].contiguous(),
-                                 dk, dv, rows_g)
+                                 dk, dv, rows_g, **a.dropout, drop_rows=drop_rows)
 
     if not a.has_sparse:
         return dq, dk, dv, None, None
@@ -844,7 +933,7 @@ def lsg_bwd(
         return (triton.cdiv(a.n_c, meta["BLOCK_N"]), a.h_c, b)
 
     _lsg_bwd_dkdv_sparse_kernel[grid_c](
-        Q=q, KC=kc, VC=vc, SV=sv, DO=dout, LSE=lse, DELTA=delta, DKC=dkc, DVC=dvc,
+        Q=q, KC=kc, VC=vc, SV=sv, DO=dout, LSE=lse, DELTA=delta, DKC=dkc, DVC=dvc, **a.drop,
         **_strides("q", q), **_strides("kc", kc), **_strides("vc", vc),
         stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **rows,
         **_strides("dkc", dkc), **_strides("dvc", dvc), **a.sparse, **scales, **a.common, **_meta("dkdv"),

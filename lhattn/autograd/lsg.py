@@ -9,14 +9,17 @@ Two steps, exactly as the fallback (``lhattn/fallback/lsg.py``):
    wrapping the launchers of :mod:`lhattn.kernels.lsg`:
 
    * ``lhattn::lsg_attn_fwd(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size,
-     sparse_block_size, sparsity_factor, num_global_tokens, block_offset, causal, scale)
-     -> (out, lse)``;
+     sparse_block_size, sparsity_factor, num_global_tokens, block_offset, causal, scale,
+     dropout_p=0.0, dropout_state=None) -> (out, lse)``;
    * ``lhattn::lsg_attn_bwd(dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid,
      ...) -> (dq, dk, dv, dk_sparse, dv_sparse)`` (the last two empty without compressed keys);
 
    each with a fake (meta) implementation, and the forward with ``register_autograd``.  The
    gradients of the compressed keys/values flow back through the selection by ordinary autograd,
    so ``torch.compile(fullgraph=True)`` traces the whole call (forward and backward).
+
+Attention dropout (:mod:`lhattn._dropout`): ``dropout_p`` and the state ``(seed, T)`` go to both
+ops; the state is saved for the backward, which regenerates the dropped entries from it.
 """
 
 from __future__ import annotations
@@ -59,17 +62,18 @@ def _attn_fwd(
     k_sparse: Optional[Tensor], v_sparse: Optional[Tensor], sparse_valid: Optional[Tensor],
     key_valid: Optional[Tensor],
     block_size: int, sparse_block_size: int, sparsity_factor: int, num_global_tokens: int, block_offset: int,
-    causal: bool, scale: float,
+    causal: bool, scale: float, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     return lsg_fwd(q, k, v, k_sparse, v_sparse, sparse_valid, block_size=block_size,
                    sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
                    num_global_tokens=num_global_tokens, block_offset=block_offset, causal=causal, scale=scale,
-                   key_valid=key_valid)
+                   key_valid=key_valid, dropout_p=dropout_p, dropout_state=dropout_state)
 
 
 @_attn_fwd.register_fake
 def _attn_fwd_fake(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size,
-                   sparsity_factor, num_global_tokens, block_offset, causal, scale):
+                   sparsity_factor, num_global_tokens, block_offset, causal, scale, dropout_p=0.0,
+                   dropout_state=None):
     b, h, n, d = q.shape
     return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=acc_dtype(q.dtype))
 
@@ -80,12 +84,13 @@ def _attn_bwd(
     k_sparse: Optional[Tensor], v_sparse: Optional[Tensor], sparse_valid: Optional[Tensor],
     key_valid: Optional[Tensor],
     block_size: int, sparse_block_size: int, sparsity_factor: int, num_global_tokens: int, block_offset: int,
-    causal: bool, scale: float,
+    causal: bool, scale: float, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dkc, dvc = lsg_bwd(dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, block_size=block_size,
                                    sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
                                    num_global_tokens=num_global_tokens, block_offset=block_offset, causal=causal,
-                                   scale=scale, key_valid=key_valid)
+                                   scale=scale, key_valid=key_valid, dropout_p=dropout_p,
+                                   dropout_state=dropout_state)
     if k_sparse is None:
         dkc, dvc = q.new_empty((0,)), q.new_empty((0,))
     elif dkc is None:  # compressed keys given but unused (short sequence): zero gradient
@@ -103,23 +108,24 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, ke
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, *args = inputs
+    q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, *args, dropout_p, dropout_state = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid)
+    ctx.save_for_backward(q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid, dropout_state)
     ctx.args = tuple(args)
+    ctx.dropout_p = dropout_p
     ctx.has_sparse = k_sparse is not None
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid = ctx.saved_tensors
+    q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid, dropout_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dkc, dvc = torch.ops.lhattn.lsg_attn_bwd(dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid,
-                                                         key_valid, *ctx.args)
+                                                         key_valid, *ctx.args, ctx.dropout_p, dropout_state)
     if not ctx.has_sparse:
         dkc = dvc = None
-    return (dq, dk, dv, dkc, dvc) + (None,) * 9
+    return (dq, dk, dv, dkc, dvc) + (None,) * 11
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -138,10 +144,14 @@ def impl(
     *,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Same contract as :func:`lhattn.reference.lsg.lsg_attention`: q ``[B, H, N, D]``, k, v
-    ``[B, H_kv, N, D]``, key_padding_mask ``[B, N]`` bool (True = padding).  Returns
-    ``(out [B, H, N, D], lse [B, H, N])``; differentiable in q, k, v (through the selection too)."""
+    ``[B, H_kv, N, D]``, key_padding_mask ``[B, N]`` bool (True = padding), attention dropout
+    ``dropout_p`` with the state ``dropout_state`` (:mod:`lhattn._dropout`; needed when
+    ``dropout_p > 0``).  Returns ``(out [B, H, N, D], lse [B, H, N])``; differentiable in q, k, v
+    (through the selection too)."""
     n, d = q.shape[2], q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
     sparse = None
@@ -151,7 +161,8 @@ def impl(
     key_valid = None if key_padding_mask is None else ~key_padding_mask
     return torch.ops.lhattn.lsg_attn_fwd(q, k, v, kc, vc, sv, key_valid, pattern.block_size,
                                          pattern.sparse_block_size, pattern.sparsity_factor,
-                                         pattern.num_global_tokens, pattern.block_offset, pattern.causal, scale)
+                                         pattern.num_global_tokens, pattern.block_offset, pattern.causal, scale,
+                                         float(dropout_p), dropout_state)
 
 
 lsg_attention = impl
