@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         "(or `python setup.py build_ext --inplace`)."
     ) from exc
 
-__all__ = ["gather_rows", "scatter_add_rows"]
+__all__ = ["gather_rows", "scatter_add_rows", "dropout_keep"]
 
 _ROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -40,6 +40,11 @@ def _gather_rows_fake(x: Tensor, index: Tensor) -> Tensor:
 @torch.library.register_fake("lhattn::scatter_add_rows")
 def _scatter_add_rows_fake(src: Tensor, index: Tensor, n: int) -> Tensor:
     return src.new_empty((src.shape[0], src.shape[1], n, src.shape[3]))
+
+
+@torch.library.register_fake("lhattn::dropout_keep")
+def _dropout_keep_fake(row_keys: Tensor, cols: Tensor, state: Tensor) -> Tensor:
+    return row_keys.new_empty((row_keys.shape[0], row_keys.shape[1], cols.shape[1]), dtype=torch.bool)
 
 
 # ---- autograd -----------------------------------------------------------------------------------
@@ -176,3 +181,17 @@ def scatter_add_rows(src: Tensor, index: Tensor, n: Union[int, torch.SymInt]) ->
     if n < 0:
         raise ValueError(f"scatter_add_rows: n (number of output rows) must be >= 0, got {n}")
     return torch.ops.lhattn.scatter_add_rows(src, index, n)
+
+
+def dropout_keep(r: Tensor, cols: Tensor, state: Tensor) -> Tensor:
+    """:func:`lhattn._dropout.keep` -- row keys ``r [B, H, Nq]``, key columns ``cols`` (``[L]`` or
+    ``[B, L]``) -> bool ``[B, H, Nq, L]`` -- through ``torch.ops.lhattn.dropout_keep`` on the CPU (one
+    32-bit pass instead of ~20 int64 tensor passes; csrc/dropout.cpp), the plain torch rule elsewhere.
+    Bit-identical either way."""
+    if r.device.type != "cpu":
+        from . import _dropout
+
+        return _dropout.keep(r, cols, state)
+    b, h, nq = r.shape
+    cols2 = cols.reshape(1 if cols.dim() == 1 else b, -1).to(torch.int64)
+    return torch.ops.lhattn.dropout_keep(r.reshape(b, h * nq), cols2, state).view(b, h, nq, cols2.shape[1])

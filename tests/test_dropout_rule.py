@@ -160,3 +160,34 @@ def test_hash_compiles_to_unsigned_ops_for_cuda(tmp_path):
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == ["False", "True", "True"], proc.stdout
+
+
+# ---- the CPU op of the fallback: torch.ops.lhattn.dropout_keep -----------------------------------
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_cpu_keep_op_equals_the_torch_rule(per_batch):
+    from lhattn import _ops
+
+    gen = torch.Generator().manual_seed(1)
+    state = D.make_state(0.3, 4242, "cpu")
+    r = D.row_keys(D.head_keys(state, 2, 3), torch.randint(0, 5000, (2, 17), generator=gen))  # [2, 3, 17]
+    cols = torch.randint(-1, 9000, (2, 40) if per_batch else (40,), generator=gen)  # -1: a padding slot
+    got = _ops.dropout_keep(r, cols, state)
+    want = D.keep(r, cols, state)
+    valid = (cols >= 0)[:, None, None, :] if per_batch else (cols >= 0)
+    assert got.shape == want.shape == (2, 3, 17, 40)
+    assert torch.equal(got & valid, want & valid)  # padding slots are masked by every caller
+
+
+def test_cpu_keep_op_opcheck_and_errors():
+    from lhattn import _ops  # noqa: F401  (registers the fake kernel)
+
+    state = D.make_state(0.5, 1, "cpu")
+    r = torch.randint(0, 2 ** 32, (2, 6), dtype=torch.int64)
+    cols = torch.arange(10).view(1, 10)
+    torch.library.opcheck(torch.ops.lhattn.dropout_keep.default, (r, cols, state))
+    with pytest.raises(RuntimeError, match="cols.size"):
+        torch.ops.lhattn.dropout_keep(r, torch.arange(30).view(3, 10), state)
+    with pytest.raises(RuntimeError, match="state"):
+        torch.ops.lhattn.dropout_keep(r, cols, state.to(torch.int32))

@@ -106,6 +106,9 @@ class _KeepBits:
         self.k_bh = _dropout.head_keys(drop.state, b, h)  # [B, H]
         self.lengths = [k.shape[2] for k, _ in sources]
         self.offsets = drop.col_offsets if drop.col_offsets is not None else (0,) * len(sources)
+        from .. import _ops  # lazily: the compiled lhattn._C (its CPU kernel of the rule)
+
+        self.keep = _ops.dropout_keep
 
     def __call__(self, rows: slice, used) -> Tensor:
         dev, pos = self.k_bh.device, self.drop.row_pos
@@ -115,7 +118,7 @@ class _KeepBits:
         for i, kb in used:
             idx = kb.index
             cols = torch.arange(*idx.indices(self.lengths[i]), device=dev) if isinstance(idx, slice) else idx
-            parts.append(_dropout.keep(r, cols + self.offsets[i], self.drop.state))  # [B, H, Bq, L]
+            parts.append(self.keep(r, cols + self.offsets[i], self.drop.state))  # [B, H, Bq, L]
         keep = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         b, h, bq, width = keep.shape
         return keep.view(b, self.h_kv, h // self.h_kv, bq, width)
