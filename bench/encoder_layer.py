@@ -19,8 +19,11 @@ and input:
 
 Time: ``triton.testing.do_bench`` median on CUDA, a wall-clock median on CPU.  Peak memory: on
 CUDA ``max_memory_allocated`` during one run; on CPU each case runs in its own subprocess and
-reports its peak RSS during one run (see ``bench.case``).  A stock case whose attention matrices
-would not fit in ``--mem-cap-gib`` is recorded as skipped, not run.  Output: JSON + markdown.
+reports its peak RSS during one run (see ``bench.case``), under a hard limit of ``--mem-cap-gib``
+on its data segment: a case that needs more is recorded as ``oom`` (e.g. the stock layer in
+training with dropout, which sends CPU SDPA to its math kernel and its [H, n, n] scores).  A
+stock case whose attention matrices are predicted not to fit is recorded as skipped, not run.
+Output: JSON + markdown.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import List, Optional
 
 import torch
 
-from .case import Timing, _time_cpu, _time_cuda
+from .case import Timing, _classify, _time_cpu, _time_cuda, limit_memory
 
 SETUPS = ("stock-full", "stock-window", "lhattn-window")
 D_MODEL, HEADS, FF, WINDOW = 512, 8, 2048, 256
@@ -97,7 +100,7 @@ def _device_name(device: str) -> str:
     return "CPU"
 
 
-def _run_case(setup: str, n: int, device: str, dtype: str, dropout: float) -> dict:
+def _run_case(setup: str, n: int, device: str, dtype: str, dropout: float, cap: float) -> dict:
     if device == "cuda":
         try:
             return measure(setup, n, device, dtype, dropout)
@@ -105,7 +108,7 @@ def _run_case(setup: str, n: int, device: str, dtype: str, dropout: float) -> di
             torch.cuda.empty_cache()
             return {"setup": setup, "n": n, "status": "oom", "reason": str(e)[:200]}
     cmd = [sys.executable, "-m", "bench.encoder_layer", "--one", setup, str(n), device, dtype, "--dropout",
-           str(dropout)]
+           str(dropout), "--mem-cap-gib", str(cap / 2**30)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     for line in proc.stdout.splitlines():
         if line.startswith(PREFIX):
@@ -144,14 +147,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", default="4096,16384,32768")
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
     ap.add_argument("--mem-cap-gib", type=float, default=None,
-                    help="skip stock cases predicted above this (default: 12 on CPU, 0.9 x GPU memory)")
+                    help="skip stock cases predicted above this (default: 12 on CPU, 0.9 x GPU memory); on CPU also "
+                         "the hard memory limit of each case subprocess")
     ap.add_argument("--dropout", type=float, default=0.0, help="the layer's dropout (attention weights and residuals)")
     ap.add_argument("--out", default=None, help="folder for encoder_layer.json / .md (default: print only)")
     ap.add_argument("--one", nargs=4, metavar=("SETUP", "N", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         setup, n, device, dtype = args.one
-        print(PREFIX + json.dumps(measure(setup, int(n), device, dtype, args.dropout)), flush=True)
+        if args.mem_cap_gib is not None:
+            limit_memory(int(args.mem_cap_gib * 2**30))
+        try:
+            res = measure(setup, int(n), device, dtype, args.dropout)
+        except Exception as exc:  # noqa: BLE001 - recorded, e.g. an allocation beyond the limit
+            status, reason = _classify(exc)
+            res = {"setup": setup, "n": int(n), "status": status, "reason": reason}
+        print(PREFIX + json.dumps(res), flush=True)
         return {}
 
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -174,7 +185,7 @@ def main(argv=None) -> dict:
                                        f"{cap / 2**30:.1f} GiB"})
             else:
                 t0 = time.perf_counter()
-                rows.append(_run_case(setup, n, args.device, dtype, args.dropout))
+                rows.append(_run_case(setup, n, args.device, dtype, args.dropout, cap))
                 rows[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(rows[-1]), flush=True)
     import lhattn
