@@ -35,13 +35,7 @@ from tolerance import assert_close_to_oracle
 MIN32 = torch.finfo(torch.float32).min
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (about 10x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- lsg_converter, loaded file by file -----------------------------------------------------------

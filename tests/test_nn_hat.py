@@ -15,14 +15,7 @@ from lhattn.nn.hat import cross_segment_attention, representative_index
 from tolerance import assert_close_to_oracle
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is as fast, and immune to a busy 2-core CI machine
-    (where OpenMP threads waiting on each other made these tests ~50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _ids_from_lengths(lengths):
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))

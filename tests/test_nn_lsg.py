@@ -17,13 +17,7 @@ from tolerance import assert_close_to_oracle
 MIN32 = torch.finfo(torch.float32).min
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(seed=0, dtype=torch.float32, **kw):

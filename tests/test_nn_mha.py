@@ -22,14 +22,7 @@ from lhattn import LSG, Segments, SlidingWindow, _dropout
 from tolerance import assert_close_to_oracle
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is as fast, and immune to a busy 2-core CI machine
-    (where OpenMP threads waiting on each other made these tests ~50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 E, H, N, B = 32, 4, 13, 3
 ATOL = 2e-6  # fp32 rounding: the same ops in another order
