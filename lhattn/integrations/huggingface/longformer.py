@@ -60,8 +60,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..functional import BACKENDS, attention
-from ..patterns import SlidingWindow
+from ...functional import BACKENDS, attention
+from ...patterns import SlidingWindow
 
 __all__ = ["patch_longformer", "unpatch_longformer", "unpatch", "patch_self_attention",
            "unpatch_self_attention", "is_patched", "longformer_window"]

@@ -1,0 +1,16 @@
+"""lhattn inside Hugging Face ``transformers`` models.
+
+One module per integration; this package re-exports their public names:
+
+* :mod:`.longformer` -- ``LongformerSelfAttention`` patched onto :func:`lhattn.attention`
+  (:func:`patch_longformer` / :func:`unpatch_longformer`).
+
+``transformers`` is imported lazily by each function, so importing this package works
+without it.
+"""
+
+from .longformer import (is_patched, longformer_window, patch_longformer, patch_self_attention, unpatch,
+                         unpatch_longformer, unpatch_self_attention)
+
+__all__ = ["patch_longformer", "unpatch_longformer", "unpatch", "patch_self_attention",
+           "unpatch_self_attention", "is_patched", "longformer_window"]
