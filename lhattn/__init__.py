@@ -14,11 +14,12 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isdir(
         _os.path.join(_os.path.dirname(_here), "kernels")):
     __path__.append(_os.path.dirname(_here))  # type: ignore[name-defined]
 
-from .functional import (BACKENDS, attention, lsg_attention, segment_attention,  # noqa: E402
+from .functional import (BACKENDS, FallbackWarning, attention, lsg_attention, segment_attention,  # noqa: E402
                          sliding_window_attention, triton_unavailable_reason)
 from .patterns import LSG, Segments, SlidingWindow  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "sliding_window_attention", "lsg_attention", "segment_attention",
-           "SlidingWindow", "LSG", "Segments", "BACKENDS", "triton_unavailable_reason"]
+           "SlidingWindow", "LSG", "Segments", "BACKENDS", "triton_unavailable_reason",
+           "FallbackWarning"]

@@ -7,16 +7,28 @@
   * ``"reference"`` -- the dense-mask oracle, O(N²) memory: for testing only.
 
 Every backend computes the same function (the contract in ``lhattn.patterns``);
-``auto`` never changes the semantics, only the speed.
+``auto`` never changes the semantics, only the speed.  When ``auto`` has a CUDA tensor but
+the Triton kernels cannot run the call, it runs the fallback and says so once per reason with a
+:class:`FallbackWarning` naming :func:`triton_unavailable_reason`'s answer.
+
+Head dims: the Triton kernels are compiled for ``16, 32, 64, 128, 256``; a call with another head
+dim up to 256 (e.g. 8 or 48) runs them at the next one, on q, k, v (and ``global_qkv``)
+zero-padded to it.  Zero columns add nothing to any score and give zero output columns, which
+are cut off; the softmax scale stays ``D ** -0.5`` of the caller's ``D``.  Nothing of this shows
+outside: output, lse and gradients have the caller's shapes.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+import sys
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _dropout
@@ -24,7 +36,7 @@ from . import _validation as V
 from .patterns import LSG, Pattern, Segments, SlidingWindow
 
 __all__ = ["attention", "sliding_window_attention", "lsg_attention", "segment_attention",
-           "register_triton_backend", "triton_unavailable_reason", "BACKENDS"]
+           "register_triton_backend", "triton_unavailable_reason", "BACKENDS", "FallbackWarning"]
 
 BACKENDS = ("auto", "triton", "fallback", "reference")
 
@@ -32,6 +44,11 @@ BACKENDS = ("auto", "triton", "fallback", "reference")
 # reason_fn(q, pattern) returns None when the kernel can run this call, else a sentence saying why not.
 _TRITON: Dict[type, Tuple[Callable, Callable]] = {}
 _triton_import_error: Optional[str] = None
+_warned_reasons: Set[str] = set()  # auto's fallback reasons already warned about
+
+
+class FallbackWarning(UserWarning):
+    """``backend="auto"`` got CUDA tensors but ran the fallback (the message says why)."""
 
 
 def register_triton_backend(pattern_type: type, impl: Callable, reason: Callable) -> None:
@@ -59,7 +76,64 @@ def triton_unavailable_reason(q: Tensor, pattern: Pattern) -> Optional[str]:
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return (f"Triton kernels need CUDA tensors (got {q.device.type}); on CPU set TRITON_INTERPRET=1 "
                 "before importing lhattn to run them in Triton's interpreter")
+    d, d_run = q.shape[-1], _triton_head_dim(q.shape[-1])
+    if d_run is not None and d_run != d and isinstance(pattern, LSG) and pattern.sparsity_type == "lsh":
+        return (f"LSG's lsh selection draws projections of the head dim, so a head dim the Triton kernels "
+                f"would pad (D={d} -> {d_run}) cannot run them; use a head dim in (16, 32, 64, 128, 256)")
     return _TRITON[type(pattern)][1](q, pattern)
+
+
+def _triton_head_dim(d: int) -> Optional[int]:
+    """The head dim the Triton kernels run head dim ``d`` at (``lhattn.autograd._common``)."""
+    from .autograd._common import triton_head_dim
+    return triton_head_dim(d)
+
+
+def _padded_call(impl: Callable, d_run: int, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *,
+                 scale: Optional[float] = None, **kwargs) -> Tuple[Tensor, Tensor]:
+    """``impl`` run at head dim ``d_run > D`` (module docstring): q, k, v and ``global_qkv`` get
+    zero columns, the scale stays ``D ** -0.5``, the output is cut back to ``D`` columns."""
+    d = q.shape[-1]
+
+    def pad(t: Tensor) -> Tensor:
+        return F.pad(t, (0, d_run - d))
+
+    if kwargs.get("global_qkv") is not None:
+        kwargs["global_qkv"] = tuple(pad(t) for t in kwargs["global_qkv"])
+    out, lse = impl(pad(q), pad(k), pad(v), pattern, scale=d ** -0.5 if scale is None else scale, **kwargs)
+    return out[..., :d].contiguous(), lse
+
+
+def _triton_impl(q: Tensor, pattern: Pattern) -> Callable:
+    """The Triton implementation for ``pattern``, zero-padding the head dim where the kernels need it."""
+    impl = _TRITON[type(pattern)][0]
+    d_run = _triton_head_dim(q.shape[-1])
+    return impl if d_run == q.shape[-1] else functools.partial(_padded_call, impl, d_run)
+
+
+def _auto_tries_triton(q: Tensor) -> bool:
+    """Whether ``backend="auto"`` looks for a Triton kernel for ``q`` (CUDA tensors)."""
+    return q.device.type == "cuda"
+
+
+def _warn_fallback(why: str) -> None:
+    """One :class:`FallbackWarning` per distinct reason, for the life of the process."""
+    if why in _warned_reasons:
+        return
+    _warned_reasons.add(why)
+    warnings.warn(f"lhattn: backend='auto' runs the fallback instead of the Triton kernels: {why} "
+                  "(lhattn.triton_unavailable_reason(q, pattern) tells in advance; backend='fallback' "
+                  "asks for the fallback explicitly)", FallbackWarning, stacklevel=_outside_lhattn(2))
+
+
+def _outside_lhattn(level: int) -> int:
+    """The ``stacklevel`` of the first frame, from ``level`` up, whose code is not in lhattn: a
+    warning then points at the user's line whichever lhattn function it went through."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(level)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _reference(pattern: Pattern) -> Callable:
@@ -85,10 +159,13 @@ def _choose(backend: str, q: Tensor, pattern: Pattern) -> Callable:
         why = triton_unavailable_reason(q, pattern)
         if why is not None:
             raise NotImplementedError(f"backend='triton' cannot run this call: {why}")
-        return _TRITON[type(pattern)][0]
+        return _triton_impl(q, pattern)
     # auto
-    if q.device.type == "cuda" and triton_unavailable_reason(q, pattern) is None:
-        return _TRITON[type(pattern)][0]
+    if _auto_tries_triton(q):
+        why = triton_unavailable_reason(q, pattern)
+        if why is None:
+            return _triton_impl(q, pattern)
+        _warn_fallback(why)
     return _fallback(pattern)
 
 

@@ -197,7 +197,7 @@ def test_triton_keeps_no_window_sized_tensor_alive():
     assert max(saved) <= inputs["q"].numel(), f"a saved tensor has {max(saved)} elements"
 
 
-@pytest.mark.parametrize("d", [8, 24, 48])
+@pytest.mark.parametrize("d", [264, 512])  # up to 256 the dispatch zero-pads (test_dispatch.py)
 def test_triton_unsupported_head_dim_is_a_clear_error(d):
     q = torch.randn(1, 1, 8, d, device=DEVICE)
     with pytest.raises(NotImplementedError, match="head dim"):
