@@ -2,7 +2,7 @@
 
 ``visible_pairs(pattern, n, num_global)`` is ``Σ_i |keys visible to query i|`` for one
 (batch row, head) of length ``n`` with no padding, where the global tokens are the first
-``num_global`` positions (LSG: ``pattern.num_global_tokens``). Then, per DESIGN.md,
+``num_global`` positions (LSG: ``pattern.num_global_tokens``). Then, per docs/ARCHITECTURE.md ("Benchmarks"),
 
     W_eff       = visible_pairs / n                         (average visible keys per query)
     flops(fwd)  = 4 · B · H · N · W_eff · D                 (QKᵀ and PV: 2 flops per MAC each)

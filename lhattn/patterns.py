@@ -5,7 +5,7 @@ data (``key_padding_mask``, ``global_mask``, ``segment_ids``) is passed with
 each call, because it changes from batch to batch.
 
 The exact semantics are the contract of every backend (reference, fallback,
-Triton); see ``DESIGN.md`` and the docstrings below.
+Triton); see ``docs/ARCHITECTURE.md`` ("The pattern contract") and the docstrings below.
 """
 
 from __future__ import annotations

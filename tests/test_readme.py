@@ -97,6 +97,22 @@ def test_readme_block(block: Block, monkeypatch):
         exec(code, namespace)  # noqa: S102 - the README's own code, as a reader would run it
 
 
+OUTSIDE_DOCUMENTS = ("DESIGN" + ".md", "../" + "shared")  # spelled apart so this file does not cite them
+
+
+def test_cited_documents_are_in_the_repository():
+    """Code and docs cite documents inside the repository only: docs/ARCHITECTURE.md holds the
+    design, and no file names the design notes or the shared folder outside the checkout."""
+    root = README.parent
+    files = [f for pattern in ("*.md", "*.py", "*.sh") for f in root.rglob(pattern)
+             if not any(part.startswith(".") or part in ("build", "__pycache__") for part in f.relative_to(root).parts)]
+    assert (root / "docs" / "ARCHITECTURE.md").is_file()
+    stale = [f"{f.relative_to(root)}:{i}" for f in files
+             for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if any(name in line for name in OUTSIDE_DOCUMENTS)]
+    assert not stale, f"cites a document outside the repository: {stale}"
+
+
 # ---- the parser itself ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The accuracy rule of DESIGN.md, in one place for every test file.
+"""The accuracy rule of docs/ARCHITECTURE.md ("Testing rules"), in one place for every test file.
 
 ``err(backend) <= 2 * err(reference run in the input dtype) + floor``, both
 errors measured against the reference run in float64.
