@@ -1,7 +1,8 @@
 """The lhattn demo: each pattern against dense attention, checked against the oracle.
 
-    python -m bench.demo                 # CPU: about 2-3 minutes on 2 cores; GPU: well under a minute
+    python -m bench.demo                 # CPU: at most about --budget-s 150 s of timing
     python -m bench.demo --n 4k,16k      # other lengths
+    python -m bench.demo --repeats 9     # more rounds
 
 1. Correctness, on a small case with padding and global tokens: ``lhattn.attention(...,
    backend="auto")`` against the oracle in ``lhattn.reference`` -- output and the gradients of
@@ -9,8 +10,12 @@
 2. Speed: for each pattern and length, the forward (and on CUDA also forward+backward) of
    lhattn (backend auto: Triton on CUDA where it can run the call, else the blocked fallback)
    against dense ``F.scaled_dot_product_attention`` on the same q, k, v. Dense attention
-   computes all n² pairs; the patterns compute n·W_eff. Median times: ``triton.testing.do_bench``
-   on CUDA, a wall-clock median on CPU.
+   computes all n² pairs; the patterns compute n·W_eff. The providers are interleaved: after a
+   warm-up, each round times every provider once (order rotating), for ``--repeats`` rounds; the
+   table gives the median and the spread ``(max - min) / median`` of the rounds (one round: one
+   wall-clock run on CPU, a short ``triton.testing.do_bench`` median on CUDA). The demo warns
+   when a spread passes 25 % or the load average passes 0.5 per core, and the time budget
+   ``--budget-s`` covers all timings together.
 
 For the full comparison (FlexAttention, HF Longformer, memory, bwd) use ``python -m bench``.
 """
@@ -18,9 +23,11 @@ For the full comparison (FlexAttention, HF Longformer, memory, bwd) use ``python
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,64 +88,92 @@ def check(pattern, device: str, n: int = 300):
 
 # ---- 2. speed ----------------------------------------------------------------------------------
 
+SPREAD_WARN = 0.25  # (max - min) / median of a row above this: the numbers are not trustworthy
+LOAD_WARN = 0.5  # 1-minute load average per logical core above this: other work competes for the CPU
 
-def _time(fn, device: str, reset=None) -> float:
-    """Median milliseconds of ``fn()``."""
+
+def _once(fn, device: str, reset) -> float:
+    """Milliseconds of one measurement of ``fn()``: one wall-clock run on CPU; on CUDA the median
+    of a short ``triton.testing.do_bench``."""
     if device == "cuda":
         from triton.testing import do_bench
 
-        fn()
-        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=reset, return_mode="median"))
+        return float(do_bench(fn, warmup=5, rep=25, grad_to_none=reset, return_mode="median"))
+    if reset:
+        for t in reset:
+            t.grad = None
     t0 = time.perf_counter()
-    fn()  # warm-up
-    first = time.perf_counter() - t0
-    reps = 1 if first > 3.0 else (2 if first > 0.5 else 5)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _modes(device: str):
     return ("fwd", "fwd+bwd") if device == "cuda" else ("fwd",)
 
 
-def timings(pattern, n: int, device: str, dtype, b: int, h: int, d: int):
+def runners(patterns: dict, n: int, device: str, dtype, b: int, h: int, d: int, mode: str):
+    """``{name: (fn, leaves)}`` on one set of q, k, v: ``dense`` (SDPA) and every pattern (lhattn auto)."""
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
-    out = {}
-    for mode in _modes(device):
+    do = torch.randn(b, h, n, d, generator=gen).to(device, dtype)
+    leaves = [q, k, v] if mode == "fwd+bwd" else []
+
+    def make(call):
         if mode == "fwd":
-            def lh():
+            def fn():
                 with torch.no_grad():
-                    lhattn.attention(q, k, v, pattern, backend="auto")
-
-            def dense():
-                with torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v)
+                    call()
         else:
-            do = torch.randn(b, h, n, d, generator=gen).to(device, dtype)
+            def fn():
+                call().backward(do)
+        return fn, leaves
 
-            def lh():
-                lhattn.attention(q, k, v, pattern, backend="auto").backward(do)
+    out = {"dense": make(lambda: F.scaled_dot_product_attention(q, k, v))}
+    for label, pattern in patterns.items():
+        out[label] = make(lambda pattern=pattern: lhattn.attention(q, k, v, pattern, backend="auto"))
+    return out, q
 
-            def dense():
-                F.scaled_dot_product_attention(q, k, v).backward(do)
-        out[mode] = (_time(lh, device, [q, k, v]), dense, [q, k, v])
-    return out, _backend_of(q, pattern)
+
+def interleaved(fns: dict, device: str, rounds: int) -> dict:
+    """``{name: [ms, ...]}``: ``rounds`` rounds, each timing every provider once in turn (the order
+    rotates each round), so that a change of machine load hits all of them alike."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, leaves = fns[name]
+            times[name].append(_once(fn, device, leaves))
+    return times
+
+
+def spread(ms: list) -> float:
+    """(max - min) / median."""
+    return (max(ms) - min(ms)) / statistics.median(ms)
+
+
+def _load_per_core() -> Optional[float]:
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--n", default=None, help="lengths (default: CPU 4k,16k,32k; CUDA 4k,16k,64k)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds of interleaved measurements per length (default 5; 3 for a length whose "
+                         "warm-up round takes over 10 s on CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip a length whose predicted time would pass this (default: CPU 150 s, CUDA none)")
+                    help="a budget for all timings together: skip a length whose predicted time would bring "
+                         "the total past it (default: CPU 150 s, CUDA none)")
     args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
+    load0 = _load_per_core()
     if args.budget_s is None and not cuda:
         args.budget_s = 150.0
     ns = _parse_n(args.n) if args.n else ([4096, 16384, 65536] if cuda else [4096, 16384, 32768])
@@ -165,44 +200,62 @@ def main(argv=None) -> int:
         print(f"   {label:<26} [{backend}] {'PASS' if ok else 'FAIL'}  {detail}")
 
     dname = str(dtype).replace("torch.", "")
-    print(f"\n2. median time, {dname}, B={b} H={h} D={d}; dense = F.scaled_dot_product_attention on the same q, k, v"
+    print(f"\n2. time in ms, {dname}, B={b} H={h} D={d}; dense = F.scaled_dot_product_attention on the same q, k, v"
           + ("" if cuda else " (forward; see python -m bench for backward)"))
-    head = f"   {'pattern':<38} {'n':>6} {'W_eff':>7} {'mode':<8} {'lhattn ms':>10} {'dense ms':>10} {'speed-up':>8}"
+    print("   Providers are interleaved: each round times every provider once, in rotating order; median of the "
+          "rounds, spread = (max - min) / median.")
+    head = (f"   {'pattern':<38} {'n':>6} {'W_eff':>7} {'mode':<8} {'lhattn ms':>10} {'spread':>7} "
+            f"{'dense ms':>10} {'spread':>7} {'speed-up':>8}")
     print(head)
     print("   " + "-" * (len(head) - 3))
-    dense_ms = {}
-    last = {}  # label -> (n, seconds of one lhattn run), to predict the next length
     t_start = time.monotonic()
-    for n in ns:  # every pattern at a length before the next length: a budget cut drops the largest n
-        for label, pattern in available.items():
-            elapsed = time.monotonic() - t_start
-            if label in last and args.budget_s:
-                n0, s0 = last[label]
-                dense_s = 0.0 if (n, "fwd") in dense_ms else (dense_ms.get((n0, "fwd")) or 0) / 1e3 * (n / n0) ** 2
-                predicted = 3 * (s0 * n / n0 + dense_s)  # warm-up + reps, lhattn and (uncached) dense
-                if elapsed + predicted > args.budget_s:
-                    print(f"   {label:<38} {n:>6} skipped: predicted {predicted:.0f} s would pass the "
-                          f"--budget-s {args.budget_s:g} s")
-                    continue
-            try:
-                res, backend = timings(pattern, n, device, dtype, b, h, d)
-            except (NotImplementedError, ImportError, RuntimeError) as exc:
-                print(f"   {label:<38} {n:>6} n/a: {type(exc).__name__}: {str(exc)[:120]}")
+    last = None  # (n, seconds of one lhattn round, seconds of one dense run) at the previous length
+    spreads = []
+    for n in ns:
+        elapsed = time.monotonic() - t_start
+        if last is not None and args.budget_s:
+            n0, lh_s, dense_s = last
+            rounds = args.repeats or 5
+            predicted = (rounds + 1) * (lh_s * n / n0 + dense_s * (n / n0) ** 2)  # warm-up + rounds
+            if elapsed + predicted > args.budget_s:
+                print(f"   n={n} skipped: it would take about {predicted:.0f} s more (predicted from n={n0}), "
+                      f"bringing the total to {elapsed + predicted:.0f} s, past --budget-s {args.budget_s:g} "
+                      f"(one budget for all timings together)")
                 continue
-            last[label] = (n, res["fwd"][0] / 1e3)
-            for mode, (ms, dense, leaves) in res.items():
-                if (n, mode) not in dense_ms:
-                    try:
-                        dense_ms[(n, mode)] = _time(dense, device, leaves)
-                    except RuntimeError as exc:  # e.g. out of memory
-                        dense_ms[(n, mode)] = None
-                        print(f"   dense SDPA at n={n} {mode}: {type(exc).__name__}: {str(exc)[:100]}")
-                dm = dense_ms[(n, mode)]
-                dtxt = f"{dm:10.1f}" if dm else f"{'—':>10}"
-                sp = f"{dm / ms:7.2f}x" if dm else f"{'':>8}"
-                print(f"   {label + ' [' + backend + ']':<38} {n:>6} {w_eff(pattern, n):7.0f} {mode:<8} {ms:10.1f} "
-                      f"{dtxt} {sp}", flush=True)
-    print(f"\n   ({time.monotonic() - t_start:.0f} s of timing; speed-up = dense ms / lhattn ms)")
+        for mode in _modes(device):
+            try:
+                fns, q = runners(available, n, device, dtype, b, h, d, mode)
+                warm = {k: _once(fn, device, leaves) for k, (fn, leaves) in fns.items()}  # compile, allocate
+                round_s = sum(warm.values()) / 1e3
+                rounds = args.repeats or (3 if round_s > 10 and not cuda else 5)
+                times = interleaved(fns, device, rounds)
+            except (NotImplementedError, ImportError, RuntimeError) as exc:  # e.g. out of memory
+                print(f"   n={n} {mode}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            if mode == "fwd":
+                last = (n, (round_s * 1e3 - warm["dense"]) / 1e3, warm["dense"] / 1e3)
+            dm = statistics.median(times["dense"])
+            spreads.append(spread(times["dense"]))
+            for label, pattern in available.items():
+                ms = statistics.median(times[label])
+                spreads.append(spread(times[label]))
+                row = f"{label} [{_backend_of(q, pattern)}]"
+                print(f"   {row:<38} {n:>6} {w_eff(pattern, n):7.0f} {mode:<8} {ms:10.1f} "
+                      f"{spread(times[label]):6.0%} {dm:10.1f} {spread(times['dense']):6.0%} {dm / ms:7.2f}x",
+                      flush=True)
+            del fns, q
+    total = time.monotonic() - t_start
+    print(f"\n   ({total:.0f} s of timing; speed-up = dense ms / lhattn ms)")
+    load1 = _load_per_core()
+    worst = max(spreads, default=0.0)
+    if worst > SPREAD_WARN:
+        print(f"   WARNING: a row's timings spread by {worst:.0%} (over {SPREAD_WARN:.0%}): the machine was busy "
+              "or throttling; rerun on a quiet machine before trusting the ratios.")
+    loads = [x for x in (load0, load1) if x is not None]
+    if loads and max(loads) > LOAD_WARN:
+        print(f"   WARNING: load average {max(loads) * (os.cpu_count() or 1):.1f} on {os.cpu_count()} logical cores "
+              f"(over {LOAD_WARN:g} per core, this demo included): other processes compete for the CPU, so "
+              "times are inflated and speed-ups are unreliable.")
     return 0 if ok_all else 1
 
 

@@ -3,7 +3,8 @@
     python -m bench.plot bench/results/<run>/bench.json [--out DIR]
 
 ``bench_time.png``: one row per group (pattern + shape + dtype), one column per mode.
-``bench_memory.png``: the same for fwd and fwd+bwd (bwd has no memory figure of its own).
+``bench_memory.png``: the same for fwd and fwd+bwd (bwd has no memory figure of its own); not
+written when the run measured no memory (e.g. ``--quick``).
 Dashed grey guides show the slopes of O(n) and O(n²), anchored at the first point of the
 panel, so O(n·w) and O(n²) curves can be read off directly.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 from collections import OrderedDict, defaultdict
 from typing import List
 
@@ -69,14 +71,20 @@ def _figure(data: dict, key: str, scale: float, ylabel: str, modes, path: str) -
     modes = [m for m in modes if any(r["mode"] == m for r in data["results"])]
     if not groups or not modes:
         return False
-    fig, axes = plt.subplots(len(groups), len(modes), figsize=(5.2 * len(modes), 3.6 * len(groups)), squeeze=False)
+    if not any(r.get("status") == "ok" and (r.get(key) or 0) > 0 for r in data["results"] if r["mode"] in modes):
+        return False  # nothing measured: no empty figure
+    # panel titles wrapped to the panel's width (a long LSG group name would run into its neighbours)
+    titles = {g: textwrap.wrap(g.replace(",", ", "), 58) for g in groups}
+    lines = max(len(t) for t in titles.values()) + 1
+    fig, axes = plt.subplots(len(groups), len(modes), figsize=(5.2 * len(modes), (3.3 + 0.15 * lines) * len(groups)),
+                             squeeze=False)
     drew = False
     for i, (group, rows) in enumerate(groups.items()):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
             has = _panel(ax, [r for r in rows if r["mode"] == mode], key, scale)
             drew |= has
-            ax.set_title(f"{group}\n{mode}", fontsize=8)
+            ax.set_title("\n".join(titles[group] + [mode]), fontsize=8)
             ax.set_xlabel("n (sequence length)", fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.tick_params(labelsize=7)
@@ -107,6 +115,8 @@ def plot_all(data: dict, out_dir: str) -> List[str]:
     p = os.path.join(out_dir, "bench_memory.png")
     if _figure(data, "peak_mem_bytes", 2 ** 20, "peak memory (MiB)", ("fwd", "fwd+bwd"), p):
         written.append(p)
+    else:
+        print("no memory plot: this run measured no peak memory")
     return written
 
 

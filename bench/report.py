@@ -109,6 +109,8 @@ def markdown(data: dict) -> str:
         if meta.get(key) is not None:
             val = f"`{meta[key]}`" if key == "command" else meta[key]
             lines.append(f"- **{key}**: {val}")
+    if meta.get("omitted"):
+        lines += ["", "## Not measured in this run", ""] + [f"- {line}" for line in meta["omitted"]]
     lines += ["", "## What is measured", ""]
     notes = data.get("notes", {})
     for key in ("modes", "timing", "memory", "flops", "module_level", "dense", "check"):

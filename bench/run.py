@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m bench --quick                          # tiny smoke run of every path, no memory (CPU: ~2-3 min)
+    python -m bench --quick                          # tiny smoke run of every path, no memory
     python -m bench --pattern sliding_window --mode fwd+bwd --n 1024,2048,4096
     python -m bench --preset cpu-issue7              # the committed CPU numbers of issue 7
     python -m bench --preset gpu-issue7 --budget-s 400 --out $OUT   # on a CUDA machine
@@ -13,7 +13,12 @@ each one computes: ``bench/providers.py``; the useful-flop count: ``bench/flops.
 Cases run provider tier by provider tier (the headline providers first), n ascending within
 a provider, so that a time budget (``--budget-s``) cuts the least important cases. A case
 that cannot run is recorded -- ``skipped`` (with the reason), ``oom``, ``timeout`` or
-``error`` -- never a crash. The JSON is rewritten after every case.
+``error`` -- never a crash. The JSON is rewritten after every case. Providers that do not run
+on the device or in the chosen mode are listed with the reason (printed, ``meta.omitted`` in the
+JSON, and in ``bench.md``), and so is memory when it is not measured.
+
+Output goes to ``--out DIR``, by default ``bench/out/<preset|quick|sweep>-<device>-<date>/``,
+which git ignores; committed results are copied to ``bench/results/`` by hand.
 """
 
 from __future__ import annotations
@@ -52,6 +57,16 @@ CPU_PROVIDERS = ["lhattn-fallback", "lhattn-reference", "sdpa-default", "sdpa-ma
 CUDA_PROVIDERS = ["lhattn-triton", "lhattn-fallback", "lhattn-reference", "sdpa-flash", "sdpa-efficient", "sdpa-math",
                   "flex", "hf-longformer", "lhattn-longformer"]
 GIB = 1024 ** 3
+# Providers a device's default list leaves out, and why (stated in every run that omits them).
+CPU_OMITTED = {
+    "lhattn-triton": "needs CUDA (on CPU the Triton kernels run only in Triton's interpreter, which is not timed)",
+    "sdpa-flash": "on CPU this is the flash-style kernel that sdpa-default already picks",
+    "sdpa-efficient": "CUDA only",
+}
+QUICK_CPU_OMITTED = {
+    "flex": "not run by --quick on CPU: torch.compile builds FlexAttention anew for every shape and mode, "
+            "which dominates a smoke run (name it in --providers to include it)",
+}
 
 
 @dataclass
@@ -169,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few reps: a smoke test of every path")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a fixed sweep (overrides shapes)")
-    ap.add_argument("--out", default=None, help="output folder (default bench/results/<preset|sweep>-<device>-<date>)")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default bench/out/<preset|quick|sweep>-<device>-<date>, ignored by git)")
     ap.add_argument("--providers", default=None, help=f"comma list from {sorted(PROVIDERS)}")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--heads", type=int, default=None)
@@ -227,7 +243,7 @@ def _configs_from_args(args, device: str) -> List[Config]:
     modes = args.mode or list(MODES)
     providers = list(CUDA_PROVIDERS if cuda else CPU_PROVIDERS)
     if args.quick and not cuda and args.providers is None:
-        providers.remove("flex")  # torch.compile of flex on CPU takes ~30 s per shape: too slow for --quick
+        providers = [p for p in providers if p not in QUICK_CPU_OMITTED]
     ref_max = args.reference_max_n or (4096 if cuda else 2048)
     max_n = {"lhattn-reference": ref_max, "sdpa-math": ref_max}
     patterns = PATTERNS if args.pattern == "all" else (args.pattern,)
@@ -335,6 +351,7 @@ class Sweep:
         self.check_max_n = (4096 if device == "cuda" else 2048) if args.check_max_n is None else args.check_max_n
         self.poisoned: Optional[str] = None
         self.log_path = os.path.join(out_dir, "cases.log") if self.subprocess else None
+        self.meta["omitted"] = omissions(configs, device, args, self.memory)
 
     # -- bookkeeping --
 
@@ -516,6 +533,30 @@ NOTES = {
 }
 
 
+def omissions(configs: List[Config], device: str, args, memory: bool) -> List[str]:
+    """One sentence per thing this run does not measure: providers left out (and why), memory."""
+    used = {p for c in configs for p in c.providers}
+    reasons = dict(CPU_OMITTED) if device == "cpu" else {}
+    if args.quick and device == "cpu" and not args.providers:
+        reasons.update(QUICK_CPU_OMITTED)
+    out = []
+    for name in sorted(PROVIDERS):
+        if name not in used:
+            why = reasons.get(name) or ("not in --providers" if args.providers else "not in this preset")
+            out.append(f"{name}: {why}")
+    other = sorted({c.pattern for c in configs if c.pattern != "sliding_window"})
+    if other:
+        out.append(f"hf-longformer, lhattn-longformer: not run for {', '.join(other)} "
+                   "(Longformer's module has the sliding-window pattern only)")
+    if not memory:
+        why = ("--quick runs every case in-process for speed" if args.quick and args.memory == "auto"
+               else "--memory off" if args.memory == "off"
+               else "this platform cannot reset the peak-RSS mark (/proc/self/clear_refs)")
+        out.append(f"peak memory: {why} (--memory on measures it"
+                   + (", one fresh subprocess per case)" if device == "cpu" else ")"))
+    return out
+
+
 def _line(r: dict) -> str:
     head = f"{r['config']:>18} n={r['n']:<6} {r['provider']:<18} {r['mode']:<8}"
     if r["status"] != "ok":
@@ -559,7 +600,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     else:
         timing = Timing()
     meta = collect_meta(device, argv)
-    out_dir = args.out or os.path.join(REPO, "bench", "results", "-".join(
+    out_dir = args.out or os.path.join(REPO, "bench", "out", "-".join(
         [args.preset or ("quick" if args.quick else "sweep"), _slug(meta["device_name"].replace("CPU: ", "")),
          _dt.datetime.now().strftime("%Y%m%d-%H%M")]))
     if not args.dry_run:
@@ -568,11 +609,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if device == "cpu" and "TRITON_INTERPRET" in os.environ:
         print("note: TRITON_INTERPRET is set; Triton is not timed on CPU anyway", file=sys.stderr)
     sweep = Sweep(configs, device, timing, args, out_dir, meta)
+    if not args.dry_run:
+        print(f"bench: {len(configs)} config(s) on {meta['device_name']} -> {out_dir}", flush=True)
+    for line in meta["omitted"]:
+        print(f"  not measured: {line}", flush=True)
     if args.dry_run:
         for cfg, provider, n in sweep.plan():
             print(f"{cfg.name:>18} n={n:<6} {provider:<18} {','.join(m for m in MODE_ORDER if m in cfg.modes)}")
         return {}
-    print(f"bench: {len(configs)} config(s) on {meta['device_name']} -> {out_dir}", flush=True)
     sweep.run()
     path = sweep.save()
     from .report import write_reports
