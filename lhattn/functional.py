@@ -117,8 +117,9 @@ def _auto_tries_triton(q: Tensor) -> bool:
 
 
 def _warn_fallback(why: str) -> None:
-    """One :class:`FallbackWarning` per distinct reason, for the life of the process."""
-    if why in _warned_reasons:
+    """One :class:`FallbackWarning` per distinct reason, for the life of the process (eager calls
+    only: a graph being traced by ``torch.compile`` stays free of Python side effects)."""
+    if why in _warned_reasons or torch.compiler.is_compiling():
         return
     _warned_reasons.add(why)
     warnings.warn(f"lhattn: backend='auto' runs the fallback instead of the Triton kernels: {why} "
