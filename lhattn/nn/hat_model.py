@@ -188,7 +188,7 @@ class HATModel(nn.Module):
         self.encoder = HATEncoder(
             config.hidden_size, config.num_attention_heads, config.layout, config.intermediate_size,
             config.hidden_dropout, _ACTIVATIONS[config.hidden_act], config.layer_norm_eps, norm_first=False,
-            attention_dropout=config.attention_dropout, segment_size=config.segment_size,
+            attention_dropout=config.attention_dropout, segment_size=None,  # segment_ids per call: forward
             max_segments=None if config.segment_positions == "none" else config.max_segments,
             segment_positions=config.segment_positions,
             segment_padding_idx=config.pad_token_id if config.segment_positions == "absolute" else 0,
@@ -217,8 +217,10 @@ class HATModel(nn.Module):
                 token_type_ids: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None) -> HATOutput:
         kpm = self._check_inputs(input_ids, attention_mask, token_type_ids, segment_ids)
         x = self.embeddings(input_ids, token_type_ids, segment_ids)
-        seg = dict(segment_ids=segment_ids) if segment_ids is not None else {}
-        return HATOutput(last_hidden_state=self.encoder(x, key_padding_mask=kpm, **seg))
+        if segment_ids is None:  # fixed segments, as ids: the encoder also takes user-given ones
+            n = input_ids.shape[1]
+            segment_ids = (torch.arange(n, device=input_ids.device) // self.config.segment_size).expand(input_ids.shape[0], n)
+        return HATOutput(last_hidden_state=self.encoder(x, segment_ids=segment_ids, key_padding_mask=kpm))
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, segment_ids) -> Optional[Tensor]:
         cfg = self.config
