@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lhattn.nn import HATForMaskedLM, HATForSequenceClassification, HATModel
 from lhattn.nn.hat_model import detect_segment_positions
@@ -166,8 +167,8 @@ def test_padding_rows_frozen_in_training(name):
         opt.step()
     for k, t in tables.items():
         assert torch.equal(t.weight[pad], before[k][pad]), f"the {k} padding row changed"
-        others = torch.cat([t.weight[:pad], t.weight[pad + 1:]]).detach() - torch.cat([before[k][:pad], before[k][pad + 1:]])
-        assert float(others.abs().max()) > 0, f"no other {k} row trained"
+        moved = (t.weight.detach() - before[k]).abs().amax(dim=1)
+        assert float(torch.cat([moved[:pad], moved[pad + 1:]]).max()) > 0, f"no other {k} row trained"
 
 
 def test_segment_ids_equal_fixed_segments():
@@ -211,8 +212,6 @@ def test_code_version_detection(tmp_path):
 
 def test_bare_model_checkpoint(tmp_path):
     """A HATModel checkpoint (no 'hi_transformer.' prefix, no head) loads into HATModel."""
-    from safetensors.torch import load_file, save_file
-
     path = _copy(tmp_path, "sd_sd")
     state = load_file(str(path / "model.safetensors"))
     save_file({k[len("hi_transformer."):]: v for k, v in state.items() if k.startswith("hi_transformer.")},
@@ -279,3 +278,30 @@ def test_losses():
     cls = HATForSequenceClassification.from_hat_checkpoint(FIXTURES / "s_sd_s_sd", segment_positions="absolute").eval()
     out = cls(**inputs, labels=torch.tensor([0, 2, 1, 1]))
     assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2, 1, 1])))
+
+
+def test_layer_without_encoders_is_identity(tmp_path):
+    """A layout entry with neither encoder is left out (HAT's layer passes its input through)."""
+    path = _copy(tmp_path, "sd_d_s_sd")
+    config = json.loads((path / "config.json").read_text())
+    layout = {str(i + 1): v for i, v in enumerate(config["encoder_layout"].values())}
+    layout["0"] = {"sentence_encoder": False, "document_encoder": False}
+    state = {}
+    for k, v in load_file(str(path / "model.safetensors")).items():
+        parts = k.split(".")
+        if k.startswith("hi_transformer.encoder.layer."):
+            parts[3] = str(int(parts[3]) + 1)
+        state[".".join(parts)] = v
+    save_file(state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**config, "encoder_layout": layout,
+                                                  "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    model = HATModel.from_hat_checkpoint(path, segment_positions="absolute", dtype=torch.float64).eval()
+    assert len(model.encoder.layers) == 4
+    inputs = _inputs("sd_d_s_sd", "padded")
+    real = _real(inputs)
+    with torch.no_grad():
+        hidden = model(**inputs).last_hidden_state
+    _check("hidden", hidden[real], _expected("sd_d_s_sd")["padded/fp64/hidden"][real], torch.float64)
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "quick_gelu"}))
+    with pytest.raises(ValueError, match="hidden_act must be one of .* got 'quick_gelu'"):
+        HATModel.from_hat_checkpoint(path, segment_positions="absolute")

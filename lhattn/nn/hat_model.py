@@ -219,7 +219,8 @@ class HATModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, segment_ids)
         if segment_ids is None:  # fixed segments, as ids: the encoder also takes user-given ones
             n = input_ids.shape[1]
-            segment_ids = (torch.arange(n, device=input_ids.device) // self.config.segment_size).expand(input_ids.shape[0], n)
+            segment_ids = torch.arange(n, device=input_ids.device) // self.config.segment_size
+            segment_ids = segment_ids.expand(input_ids.shape[0], n)
         return HATOutput(last_hidden_state=self.encoder(x, segment_ids=segment_ids, key_padding_mask=kpm))
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, segment_ids) -> Optional[Tensor]:
@@ -244,9 +245,14 @@ class HATModel(nn.Module):
             longest = int((end - start).max()) if n else 0
             if longest > s:
                 raise ValueError(f"segment_ids has a segment of {longest} tokens, longer than the segment size {s}")
-        if attention_mask is None:
-            return None
-        return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
+        return _key_padding_mask(attention_mask)
+
+
+def _key_padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """HF's ``attention_mask`` (1 / True = real token) as lhattn's ``key_padding_mask`` (True = padding)."""
+    if attention_mask is None:
+        return None
+    return ~attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
 
 
 class _MaskedLMHead(nn.Module):
@@ -292,8 +298,10 @@ class HATForMaskedLM(nn.Module):
         decoder_bias = head.pop("lm_head.decoder.bias", None)
         mapped["lm_head.bias"] = bias if bias is not None else _missing(decoder_bias, "lm_head.bias", path)
         decoder = head.pop("lm_head.decoder.weight", None)
-        mapped["lm_head.decoder.weight"] = (mapped["hat.embeddings.word_embeddings.weight"] if config.tie_word_embeddings
-                                            else _missing(decoder, "lm_head.decoder.weight", path))
+        if config.tie_word_embeddings:
+            mapped["lm_head.decoder.weight"] = mapped["hat.embeddings.word_embeddings.weight"]
+        else:
+            mapped["lm_head.decoder.weight"] = _missing(decoder, "lm_head.decoder.weight", path)
         consumed = {k for k in state if k.startswith("lm_head.")} - set(head)  # leftovers are refused
         _load(model, mapped, strict_extra=[k for k in state if not _is_base_key(k)],
               allowed_extra=("pooler.", "classifier."), consumed=consumed)
@@ -395,10 +403,9 @@ class HATForSequenceClassification(nn.Module):
         if self.pooling == "first":
             return hidden[:, 0]
         b, n, _ = hidden.shape
-        kpm = None if attention_mask is None else (attention_mask == 0 if attention_mask.dtype != torch.bool
-                                                   else ~attention_mask)
-        seg = dict(segment_ids=segment_ids) if segment_ids is not None else dict(segment_size=self.hat.config.segment_size)
-        index = representative_index(b, n, key_padding_mask=kpm, device=hidden.device, **seg)  # [B, R], -1 = none
+        seg = dict(segment_size=self.hat.config.segment_size) if segment_ids is None else dict(segment_ids=segment_ids)
+        index = representative_index(b, n, key_padding_mask=_key_padding_mask(attention_mask), device=hidden.device,
+                                     **seg)  # [B, R], -1 = empty slot
         valid = index >= 0
         reps = hidden.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
         if self.pooling == "attentive":
@@ -524,8 +531,7 @@ def _base_state(state: Dict[str, Tensor], config: HATConfig) -> Dict[str, Tensor
         src.pop(buffer, None)
     out = {f"embeddings.{ours}": _take(src, f"embeddings.{theirs}") for theirs, ours in _EMB.items()}
     tables = {}
-    layer_items = hat_layout(config.extra["encoder_layout"], config.extra["num_hidden_layers"])
-    j = 0
+    j = 0  # lhattn's layer index: HAT layers with neither encoder are left out
     for i in range(config.extra["num_hidden_layers"]):
         entry = config.extra["encoder_layout"][str(i)]
         parts = [(flag, name) for flag, name in (("sentence_encoder", "segment_encoder"),
@@ -538,7 +544,6 @@ def _base_state(state: Dict[str, Tensor], config: HATConfig) -> Dict[str, Tensor
         if table is not None:
             tables[i] = table
         j += 1
-    assert j == len(layer_items)
     if src:
         raise ValueError(f"HAT weights that lhattn cannot map: {sorted(src)}")
     table = _segment_table(tables, config)
