@@ -201,17 +201,16 @@ class HATModel(nn.Module):
     @classmethod
     def from_hat_checkpoint(cls, path: Union[str, Path], *, segment_positions: Optional[str] = None,
                             dtype: Optional[torch.dtype] = None, device=None) -> "HATModel":
-        """Load a directory written by the HAT code's ``save_pretrained`` (module docstring);
-        ``segment_positions`` None = the checkpoint's code version (:func:`detect_segment_positions`)."""
+        """Load a directory written by the HAT code's ``save_pretrained`` (module docstring): the
+        base model of any HAT head class (the head's weights are not read).
+
+        ``segment_positions``: ``"absolute"`` / ``"none"`` / ``"rank"`` (module docstring); None = the
+        checkpoint's code version (:func:`detect_segment_positions`), else a warning and "absolute".
+        ``dtype`` / ``device``: where the loaded model goes (default float32 on the CPU)."""
         config, state = _read_checkpoint(path, segment_positions)
         model = cls(config)
-        _load(model, _base_state(state, config), strict_extra=[k for k in state if not _is_base_key(k)],
-              allowed_extra=cls._head_prefixes())
+        _load(model, _base_state(state, config), strict_extra=[], allowed_extra=())
         return model.to(device=device, dtype=dtype)
-
-    @staticmethod
-    def _head_prefixes() -> Tuple[str, ...]:
-        return ("lm_head.", "pooler.", "classifier.")
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None) -> HATOutput:
