@@ -74,6 +74,8 @@ LSG_DEFAULTS: Dict[str, Any] = dict(adaptive=True, block_size=128, lsh_num_pre_r
                                     num_global_tokens=1, pool_with_global=True, sparse_block_size=128,
                                     sparsity_factor=2, sparsity_type="norm")
 _SPARSITY_TYPES = (None, "none", "norm", "lsh", "pooling", "stride", "block_stride", "bos_pooling")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "sentencepiece.bpe.model",
+                    "spiece.model")
 _GLOBAL_TABLE = 512  # rows of LSG's global embedding table (fixed in its model files)
 
 # model_type -> (transformers module, class prefix, offset of the first real position)
@@ -115,6 +117,19 @@ def _check_settings(config) -> None:
     if config.sparsity_factor > 0 and config.block_size % config.sparsity_factor:
         raise ValueError(f"LSG setting sparsity_factor={config.sparsity_factor} must divide "
                          f"block_size={config.block_size}")
+    step = config.block_size // max(config.sparsity_factor, 1)  # compressed keys per block
+    if _pattern_type(config) != "none" and step % 2:
+        if step > 1:
+            raise ValueError(f"block_size / sparsity_factor = {config.block_size} / {config.sparsity_factor} = {step} "
+                             "is odd: LSG's model code fails there (its sparse windows need an even number of "
+                             "compressed keys per block, or exactly 1)")
+        raise ValueError(f"block_size / sparsity_factor = {config.block_size} / {config.sparsity_factor} = 1 is not "
+                         "supported: LSG's model code then shifts its right sparse window onto the local blocks, "
+                         "which lhattn's LSG pattern does not reproduce")
+    if _pattern_type(config) != "none" and 4 * config.sparse_block_size < 3 * step:
+        raise ValueError(f"sparse_block_size={config.sparse_block_size} < 3/4 * block_size / sparsity_factor "
+                         f"(= 3/4 * {step}) is not supported: LSG's model code then slices its sparse windows "
+                         "short or empty, which lhattn's LSG pattern does not reproduce")
     if config.mask_first_token and not config.pool_with_global:
         raise ValueError("LSG setting mask_first_token=True needs pool_with_global=True (LSG's config forces it)")
     if config.mask_first_token and _pattern_type(config) in ("bos_pooling",):
@@ -370,12 +385,15 @@ def _special_ids(path: str, config, bos_token_id: Optional[int], mask_token_id: 
     if bos_token_id is None or mask_token_id is None:
         from transformers import AutoTokenizer
 
+        need = (f"converting {os.fspath(path)!r} needs the ids of the <s>/[CLS] and <mask> tokens: pass "
+                "bos_token_id= and mask_token_id=, or put the tokenizer in the checkpoint")
+        # transformers 5 builds a default tokenizer (wrong ids) when there are no tokenizer files
+        if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+            raise ValueError(f"{need} (no tokenizer file there)")
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # noqa: BLE001 - any failure means: no usable tokenizer there
-            raise ValueError(f"converting {path!r} needs the ids of the <s>/[CLS] and <mask> tokens: pass "
-                             f"bos_token_id= and mask_token_id=, or put the tokenizer in the checkpoint "
-                             f"({type(exc).__name__}: {exc})") from exc
+            raise ValueError(f"{need} ({type(exc).__name__}: {exc})") from exc
         if bos_token_id is None:
             bos_token_id = next((i for i in (tok.bos_token_id, tok.cls_token_id, config.bos_token_id)
                                  if i is not None), None)
