@@ -40,12 +40,16 @@ design:
 * ``adaptive=False`` with a length that is not a multiple of ``block_size``: LSG fails (assert);
   here such inputs run as with ``adaptive=True``;
 * intermediate ``hidden_states`` have ``num_global_tokens + N`` rows (LSG's also include its
-  padding to a multiple of ``block_size``); attention probabilities are never formed.
+  padding to a multiple of ``block_size``); attention probabilities are never formed
+  (``output_attentions=True`` gives an empty tuple).
 
 Not supported (``ValueError`` naming the setting): decoders (``is_decoder=True``: LSG's causal
 global rows output the query itself), cross-attention, non-absolute position embeddings, unknown
-sparsity types, and ``mask_first_token`` with ``bos_pooling`` (whose pooling query is the masked
-first token).  ``transformers`` is imported only when :func:`from_lsg_checkpoint` runs.
+sparsity types, the geometries where LSG's model code slices its sparse windows irregularly
+(``block_size / sparsity_factor`` odd: LSG fails above 1 and moves its right window onto the local
+blocks at 1; ``sparse_block_size < 3/4 * block_size / sparsity_factor``: short or empty windows),
+and ``mask_first_token`` with ``bos_pooling`` (whose pooling query is the masked first token).
+``transformers`` is imported only when :func:`from_lsg_checkpoint` runs.
 """
 
 from __future__ import annotations
