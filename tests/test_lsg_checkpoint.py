@@ -110,6 +110,15 @@ def test_triton_backend_on_gpu(name, expected):
     _check(f"{name} (triton)", model, inputs, want)
 
 
+def test_dtype_float64(expected):
+    """Loaded in fp64, the model matches LSG's fp32 outputs to LSG's own fp32 rounding."""
+    case = expected["cases"]["roberta_bos_pooling"]
+    model = from_lsg_checkpoint(os.path.join(FIXTURES, "roberta"), dtype=torch.float64, **case["settings"])
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    out = _check("roberta_bos_pooling (fp64)", model, expected["inputs"][case["inputs"]], case["outputs"])
+    assert out.last_hidden_state.dtype == torch.float64
+
+
 def test_base_task_from_a_head_checkpoint(expected):
     case = expected["cases"]["xlm_roberta"]
     model = from_lsg_checkpoint(os.path.join(FIXTURES, "xlm_roberta"), task="base")
