@@ -110,6 +110,18 @@ def test_triton_backend_on_gpu(name, expected):
     _check(f"{name} (triton)", model, inputs, want)
 
 
+def test_pytorch_model_bin(expected, tmp_path):
+    """Released LSG checkpoints are pytorch_model.bin files (older ones also hold position_ids)."""
+    from safetensors.torch import load_file
+
+    case = expected["cases"]["roberta"]
+    state = load_file(os.path.join(FIXTURES, "roberta", "model.safetensors"))
+    state["roberta.embeddings.position_ids"] = torch.arange(66)[None]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    shutil.copy(os.path.join(FIXTURES, "roberta", "config.json"), tmp_path / "config.json")
+    _check("roberta (.bin)", from_lsg_checkpoint(tmp_path), expected["inputs"][case["inputs"]], case["outputs"])
+
+
 def test_dtype_float64(expected):
     """Loaded in fp64, the model matches LSG's fp32 outputs to LSG's own fp32 rounding."""
     case = expected["cases"]["roberta_bos_pooling"]
