@@ -96,7 +96,7 @@ def _skip_reason(rows: List[dict], setup: str, n: int, max_case_s: float) -> Opt
     measured n: x4 per doubling for full attention, x2 for a window) to take longer than ``max_case_s``."""
     mine = [r for r in rows if r["setup"] == setup and r["n"] < n]
     if any(r["status"] != "ok" for r in mine):
-        return "did not fit at a smaller n"
+        return "skipped or failed at a smaller n"
     if not mine:
         return None
     last = max(mine, key=lambda r: r["n"])

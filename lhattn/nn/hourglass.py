@@ -136,11 +136,12 @@ def _check_layers(layers_per_level, levels: int) -> List[int]:
 
 class _Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections; the attention itself is ``attend(q, k, v)``
-    on ``[B, H, L, head_dim]`` tensors (queries and keys may have different lengths there)."""
+    on ``[B, H, L, head_dim]`` tensors (queries and keys may have different lengths there), which applies
+    ``dropout_p`` to the attention probabilities in training."""
 
-    def __init__(self, d_model: int, nhead: int, bias: bool, **factory) -> None:
+    def __init__(self, d_model: int, nhead: int, dropout: float, bias: bool, **factory) -> None:
         super().__init__()
-        self.nhead = nhead
+        self.nhead, self.dropout_p = nhead, float(dropout)
         self.q_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
@@ -304,8 +305,7 @@ class Hourglass(nn.Module):
         dim_feedforward = 4 * d_model if dim_feedforward is None else dim_feedforward
 
         def make_block() -> _Block:
-            attn = _Attention(d_model, nhead, bias, **factory)
-            attn.dropout_p = float(dropout)
+            attn = _Attention(d_model, nhead, dropout, bias, **factory)
             return _Block(attn, d_model, dim_feedforward, dropout, activation, layer_norm_eps, True, bias, **factory)
 
         self.pre = _Layers(layers[0], make_block, self.pattern, rotary, backend)
