@@ -244,7 +244,8 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.out, "hourglass.md"), "w") as fh:
             fh.write(f"# HourglassLM vs vanilla LM: one training step\n\n{meta['model']}\n\n{meta['device']}; {dtype}; "
                      f"{args.threads} torch thread(s); torch {meta['torch']}; {meta['date']}\n\n"
-                     f"`{meta['command']}`\n\nCells: tokens/s of forward+loss+backward, peak extra memory of one step.\n\n"
+                     f"`{meta['command']}`\n\n"
+                     "Cells: tokens/s of forward+loss+backward, peak extra memory of one step.\n\n"
                      + table + "\n\nPeak memory per token (flat = linear memory):\n\n" + per_token
                      + "\n\nNot measured:\n\n" + _skipped(rows) + "\n")
     return {"meta": meta, "results": rows}

@@ -277,9 +277,10 @@ class Hourglass(nn.Module):
         backend: passed to :func:`lhattn.attention`.
     """
 
-    def __init__(self, d_model: int, nhead: int, shortening_factors: Sequence[int], dim_feedforward: Optional[int] = None,
-                 dropout: float = 0.1, *, shortening: str = "avg", upsampling: str = "naive",
-                 pattern: Optional[SlidingWindow] = None, layers_per_level: Union[int, Sequence[int]] = 1,
+    def __init__(self, d_model: int, nhead: int, shortening_factors: Sequence[int],
+                 dim_feedforward: Optional[int] = None, dropout: float = 0.1, *, shortening: str = "avg",
+                 upsampling: str = "naive", pattern: Optional[SlidingWindow] = None,
+                 layers_per_level: Union[int, Sequence[int]] = 1,
                  activation: Union[str, Callable[[Tensor], Tensor]] = "relu", rotary: bool = True,
                  layer_norm_eps: float = 1e-5, bias: bool = True, backend: str = "auto", device=None,
                  dtype=None) -> None:
