@@ -71,7 +71,9 @@ fi
 
 # Everything else, only if missing (module name = package spec). find_spec, not import: the
 # lsg_converter package does not import on transformers 5 (the tests load its files one by one).
-mapfile -t missing < <("$VPY" - <<'EOF'
+# (an array from word splitting, not mapfile: macOS still ships bash 3.2)
+# shellcheck disable=SC2207
+missing=($("$VPY" - <<'EOF'
 import importlib.util
 for pair in ("triton:triton==3.9.0 numpy:numpy ninja:ninja pybind11:pybind11 pytest:pytest "
              "transformers:transformers==5.23.0 lsg_converter:lsg-converter==0.1.9 "
@@ -80,7 +82,7 @@ for pair in ("triton:triton==3.9.0 numpy:numpy ninja:ninja pybind11:pybind11 pyt
     if importlib.util.find_spec(mod) is None:
         print(spec)
 EOF
-)
+))
 if [ ${#missing[@]} -gt 0 ]; then
   t=$SECONDS; step "installing what is missing: ${missing[*]}"
   pip_install "${missing[@]}"
