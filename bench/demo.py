@@ -134,12 +134,15 @@ def runners(patterns: dict, n: int, device: str, dtype, b: int, h: int, d: int, 
     return out, q
 
 
-def interleaved(fns: dict, device: str, rounds: int) -> dict:
+def interleaved(fns: dict, device: str, rounds: int, deadline: Optional[float] = None) -> dict:
     """``{name: [ms, ...]}``: ``rounds`` rounds, each timing every provider once in turn (the order
-    rotates each round), so that a change of machine load hits all of them alike."""
+    rotates each round), so that a change of machine load hits all of them alike.  After two rounds,
+    no new round starts once ``time.monotonic()`` has passed ``deadline``."""
     names = list(fns)
     times = {name: [] for name in names}
     for r in range(rounds):
+        if r >= 2 and deadline is not None and time.monotonic() > deadline:
+            break
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, leaves = fns[name]
             times[name].append(_once(fn, device, leaves))
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
                          "warm-up round takes over 10 s on CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="a budget for all timings together: skip a length whose predicted time would bring "
-                         "the total past it (default: CPU 150 s, CUDA none)")
+                         "the total past it, and start no third or later round past it (default: CPU 150 s, "
+                         "CUDA none)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -228,12 +232,16 @@ def main(argv=None) -> int:
                 warm = {k: _once(fn, device, leaves) for k, (fn, leaves) in fns.items()}  # compile, allocate
                 round_s = sum(warm.values()) / 1e3
                 rounds = args.repeats or (3 if round_s > 10 and not cuda else 5)
-                times = interleaved(fns, device, rounds)
+                deadline = t_start + args.budget_s if args.budget_s else None
+                times = interleaved(fns, device, rounds, deadline)
             except (NotImplementedError, ImportError, RuntimeError) as exc:  # e.g. out of memory
                 print(f"   n={n} {mode}: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
             if mode == "fwd":
                 last = (n, (round_s * 1e3 - warm["dense"]) / 1e3, warm["dense"] / 1e3)
+            if len(times["dense"]) < rounds:
+                print(f"   n={n} {mode}: stopped after {len(times['dense'])} of {rounds} rounds: --budget-s "
+                      f"{args.budget_s:g} passed (one budget for all timings together)")
             dm = statistics.median(times["dense"])
             spreads.append(spread(times["dense"]))
             for label, pattern in available.items():

@@ -79,6 +79,9 @@ def test_demo_rounds_interleave_in_rotating_order():
     assert calls == ["dense", "a", "b", "a", "b", "dense", "b", "dense", "a"]
     assert {k: len(v) for k, v in times.items()} == {"dense": 3, "a": 3, "b": 3}
     assert demo.spread([10.0, 12.0, 11.0]) == pytest.approx(2 / 11)
+    calls.clear()
+    times = demo.interleaved(fns, "cpu", rounds=5, deadline=0.0)  # past: two rounds, then stop
+    assert {k: len(v) for k, v in times.items()} == {"dense": 2, "a": 2, "b": 2}
 
 
 def test_demo_says_the_budget_is_for_all_timings(capsys):
