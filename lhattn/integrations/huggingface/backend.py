@@ -372,10 +372,11 @@ def use_pattern(model: nn.Module, pattern: Pattern, global_token_ids: Optional[I
     if not modules:
         raise ValueError(f"model ({type(model).__name__}) has no attention layer that uses transformers' "
                          "AttentionInterface")
+    cross = [m for m in modules if _is_cross_attention(m)]
+    if cross:
+        raise NotImplementedError(f"use_pattern does not support cross-attention ({type(cross[0]).__name__}): lhattn "
+                                  "patterns are self-attention patterns")
     for m in modules:
-        if _is_cross_attention(m):
-            raise NotImplementedError(f"use_pattern does not support cross-attention ({type(m).__name__}): lhattn "
-                                      "patterns are self-attention patterns")
         if getattr(m, "is_causal", False) or getattr(getattr(m, "config", None), "is_decoder", False):
             raise NotImplementedError(f"use_pattern is for encoders; {type(m).__name__} is causal (a decoder). "
                                       "Decoders with a native sliding window run on lhattn with "
