@@ -171,14 +171,16 @@ def test_generate_greedy_equal_to_sdpa(cls, config, monkeypatch):
     model = cls(config(num_hidden_layers=2, num_key_value_heads=2, sliding_window=SW, pad_token_id=0,
                        bos_token_id=1, eos_token_id=None, **extra, **SMALL)).eval()
     ids, mask = _batch(9, "left")
-    tokens = {}
+    runs = {}
     calls = _counting(monkeypatch)
     for impl in ("sdpa", "lhattn"):
         model.set_attn_implementation(impl)
-        tokens[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                      pad_token_id=0)
-    assert tokens["lhattn"].shape == (2, 19)
-    assert torch.equal(tokens["lhattn"], tokens["sdpa"])
+        runs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                    pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert runs["lhattn"].sequences.shape == (2, 19)
+    assert torch.equal(runs["lhattn"].sequences, runs["sdpa"].sequences)
+    for step, (got, want) in enumerate(zip(runs["lhattn"].scores, runs["sdpa"].scores)):
+        _assert_rel(f"{cls.__name__} logits of step {step}", got, want, OUT_RTOL)
     assert len(calls) >= 1  # the prefill of every sliding layer ran on lhattn
 
 
@@ -256,3 +258,23 @@ def test_to_long_copies_positions_and_reads_4096_tokens():
     ids[0, 0] = 5
     out = model(input_ids=ids).last_hidden_state
     assert out.shape == (1, 4096, 32) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_chunked_prefill_with_cache_equal_to_sdpa(name, monkeypatch):
+    """A second multi-token chunk on a cache that outgrew the window: its queries are the last keys,
+    so lhattn runs it (queries padded in front); the keys before the window are not attended."""
+    from transformers import DynamicCache
+    model = _model(name)
+    ids, mask = _batch(16, "left")
+    outs = {}
+    calls = _counting(monkeypatch)
+    for impl in ("sdpa", "lhattn"):
+        model.set_attn_implementation(impl)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True)
+        outs[impl] = model(input_ids=ids[:, 9:], attention_mask=mask, past_key_values=cache,
+                           use_cache=True).last_hidden_state
+    _assert_rel(f"{name} second chunk", outs["lhattn"], outs["sdpa"], OUT_RTOL)
+    sliding = getattr(model.config, "layer_types", ["sliding_attention"] * 2).count("sliding_attention")
+    assert len(calls) == 2 * sliding  # both chunks of every sliding layer ran on lhattn
