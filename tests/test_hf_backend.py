@@ -278,3 +278,19 @@ def test_chunked_prefill_with_cache_equal_to_sdpa(name, monkeypatch):
     _assert_rel(f"{name} second chunk", outs["lhattn"], outs["sdpa"], OUT_RTOL)
     sliding = getattr(model.config, "layer_types", ["sliding_attention"] * 2).count("sliding_attention")
     assert len(calls) == 2 * sliding  # both chunks of every sliding layer ran on lhattn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_the_tolerance_rule(dtype):
+    """bf16 / fp16 Mistral (GQA, window 5, 12 tokens, left padding): lhattn's error against the fp64
+    sdpa model is within the rule of tests/tolerance.py relative to sdpa's own error in that dtype."""
+    from tolerance import assert_close_to_oracle
+    ids, mask = _batch(12, "left")
+    keep = mask.bool()
+    outs = {}
+    for impl, dt in (("sdpa", torch.float64), ("sdpa", dtype), ("lhattn", dtype)):
+        model = _model("mistral").to(dt)
+        model.set_attn_implementation(impl)
+        outs[impl, dt] = model(input_ids=ids, attention_mask=mask).last_hidden_state.detach()[keep]
+    assert_close_to_oracle(f"mistral {dtype}", outs["lhattn", dtype], outs["sdpa", dtype],
+                           outs["sdpa", torch.float64])
