@@ -34,6 +34,7 @@ How it plugs in (read from ``transformers/masking_utils.py`` and ``integrations/
   runs SDPA over the cached keys with the model's own mask, built for that one query (O(window)),
   so a cache longer than the window is never attended beyond it.
 * Training: the module's ``dropout`` argument is lhattn's ``dropout_p`` (0 in eval mode).
+  ``torch.compile`` runs lhattn eagerly (``torch.compiler.disable``, one graph break per layer).
 
 Encoders without a native window (BERT, RoBERTa, XLM-R, ModernBERT's global layers):
 :func:`use_pattern` puts an lhattn pattern (``SlidingWindow``, ``LSG``, ``Segments``) on their
@@ -65,6 +66,10 @@ IMPLEMENTATION = "lhattn"
 _PATTERN_ATTR = "_lhattn_pattern"  # set on an attention module by use_pattern: a _PatternState
 _HOOKS_ATTR = "_lhattn_pattern_hooks"  # set on the model by use_pattern: its hook handles
 _settings = {"backend": "auto"}
+
+# torch.compile runs lhattn eagerly (one graph break per layer), as lhattn.nn does: the fallback's
+# autograd.Function builds its block masks inside the function, which dynamo cannot capture.
+_attention = torch.compiler.disable(attention)
 
 
 def _transformers():
@@ -248,7 +253,7 @@ def _window_forward(module, query, key, value, mask: LhattnMask, dropout, scalin
     pad = kv_len - q_len
     if pad:  # queries are the last q_len keys: run kv_len rows, the first `pad` of them zeros, keep the last q_len
         query = torch.cat([query.new_zeros(*query.shape[:2], pad, query.shape[3]), query], dim=2)
-    out = attention(query, key, value, SlidingWindow(mask.window), key_padding_mask=mask.key_padding_mask,
+    out = _attention(query, key, value, SlidingWindow(mask.window), key_padding_mask=mask.key_padding_mask,
                     scale=scaling, dropout_p=dropout, backend=_settings["backend"])
     return _to_hf_layout(out[:, :, pad:] if pad else out), None
 
@@ -419,7 +424,7 @@ def _pattern_forward(module, state: _PatternState, query, key, value, mask, drop
                          "2D attention_mask [B, N] (1 = token, 0 = padding) instead")
     padding = mask.key_padding_mask if mask is not None else None
     extra = {} if isinstance(state.pattern, LSG) else {"global_mask": state.global_mask}
-    out = attention(query, key, value, state.pattern, key_padding_mask=padding, scale=scaling, dropout_p=dropout,
+    out = _attention(query, key, value, state.pattern, key_padding_mask=padding, scale=scaling, dropout_p=dropout,
                     backend=_settings["backend"], **extra)
     return _to_hf_layout(out), None
 
