@@ -159,6 +159,9 @@ def test_register_idempotent_and_errors():
     gemma2.set_attn_implementation("lhattn")
     with pytest.raises(NotImplementedError, match="soft-capping"):
         gemma2(input_ids=ids)
+    q = torch.randn(1, 4, 6, 8)
+    with pytest.raises(NotImplementedError, match="attention sinks"):  # GPT-OSS passes its sinks as s_aux
+        hfb.lhattn_attention_forward(model.layers[0].self_attn, q, q, q, None, s_aux=torch.zeros(4))
 
 
 @pytest.mark.parametrize("cls,config", [
