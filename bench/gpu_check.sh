@@ -9,6 +9,8 @@
 #   bench-sliding_window   the same, one pattern only (also bench-lsg, bench-segment): more of that pattern fits
 #   demo                   build, run python -m bench.demo
 #   encoder                build, run python -m bench.encoder_layer (issue 6: TransformerEncoderLayer, stock vs lhattn)
+#   hf                     build, run python -m bench.hf_models (issue 12: HF models, lhattn vs sdpa vs eager; hf.log +
+#                          hf_models.json/.md)
 #   all                    build, tests, bench (needs more than one 9-minute device call: prefer the parts)
 #
 # Everything lands flat in OUTDIR, at most 8 files:
@@ -56,6 +58,13 @@ encoder() {
       > "$OUT/encoder_dropout.log" 2>&1
     say "encoder dropout rc=$?"
   fi
+}
+
+hf() {
+  local t=$(( $(left) - 10 ))
+  say "hf models (time limit ${t}s)"
+  timeout "$t" "$PY" -m bench.hf_models --device cuda --out "$OUT" > "$OUT/hf.log" 2>&1
+  say "hf rc=$?"
 }
 
 env_report() {
@@ -161,8 +170,9 @@ case "$PART" in
   bench-sliding_window|bench-lsg|bench-segment) build; bench "${PART#bench-}" ;;
   demo) build; demo ;;
   encoder) build; encoder ;;
+  hf) build; hf ;;
   all) build; tests; bench all ;;
-  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | all)"; exit 2 ;;
+  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | hf | all)"; exit 2 ;;
 esac
 say "done; files in $OUT:"
 ls -la "$OUT"
