@@ -1,0 +1,62 @@
+"""Context parallelism: attention over a sequence split across the ranks of a ``torch.distributed`` group.
+
+Rank ``t`` of the group holds tokens ``[s_t, s_t + N_t)`` of every sequence in the batch (contiguous
+shards in rank order; the ``N_t`` may differ).  :func:`context_parallel_attention` returns that rank's
+rows of the single-process :func:`lhattn.attention` -- same values, same gradients w.r.t. the shards,
+same dropped entries for the same ``dropout_seed`` (the rule of :mod:`lhattn._dropout` is by token
+position).  What moves between ranks (NCCL on GPUs, gloo on CPU; count it with :func:`count_bytes`):
+
+* **SlidingWindow** -- only the halo: the ``left·dilation`` keys before the shard and the
+  ``right·dilation`` after it (k and v in one message, plus one byte per token of the padding/global
+  mask), from as many neighbours as the window spans; the backward sends the halo's dk/dv back to
+  its owners.
+* **Segments** -- the keys of the segments that cross a shard boundary, from the neighbours that hold
+  them (found from every rank's first/last segment id: ``4·B`` ints per rank).  Nothing is all-gathered.
+* **Global tokens** -- each rank all-gathers only the global tokens' q/k/v rows; every rank attends
+  all global rows to its own keys, and the partial ``(out, lse)`` are merged by all-reduce (log-sum-exp),
+  so the traffic is O(G·D) per rank, never O(N·D).
+* **LSG** -- not supported yet (NotImplementedError).
+
+Every rank must call with the same kinds of arguments (checked with one small all-gather).
+Computation runs in the blocked fallback engine (:mod:`lhattn.fallback.engine`) on any device.
+
+The ``lhattn.nn`` modules run context-parallel inside :func:`context_parallel`::
+
+    with lhattn.distributed.context_parallel(group):
+        y = model(x_shard)   # MultiheadAttention / HAT layers see this rank's shard only
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List
+
+from ._attention import context_parallel_attention
+from ._comm import Traffic, count_bytes
+
+__all__ = ["context_parallel_attention", "context_parallel", "current_group", "count_bytes", "Traffic"]
+
+_NO_GROUP = object()
+_STACK: List[object] = []
+
+
+@contextlib.contextmanager
+def context_parallel(group=None) -> Iterator[None]:
+    """Inside the block, the attention of the ``lhattn.nn`` modules runs through
+    :func:`context_parallel_attention` over ``group`` (None = the default group): each rank passes
+    its shard of the sequence to the module and gets its shard of the output back."""
+    _STACK.append(group)
+    try:
+        yield
+    finally:
+        _STACK.pop()
+
+
+def current_group():
+    """The group of the innermost :func:`context_parallel` block, or ``_NO_GROUP`` outside one."""
+    return _STACK[-1] if _STACK else _NO_GROUP
+
+
+def is_active() -> bool:
+    """True inside a :func:`context_parallel` block."""
+    return bool(_STACK)
