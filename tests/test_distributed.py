@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lhattn
+import lhattn.nn
 from lhattn.distributed import context_parallel_attention, count_bytes
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -169,6 +170,75 @@ def _byte_counts(rank):
     return res
 
 
+# ---- nn modules and DDP ---------------------------------------------------------------------------
+
+NN_SHARDS = [11, 6]  # 2 ranks
+
+
+def _encoder(seed):
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True,
+                                             dtype=torch.float64)
+    return lhattn.nn.replace_attention(layer, pattern=lhattn.SlidingWindow((4, 3)))
+
+
+def _ddp_step(rank):
+    """One SGD step of an encoder layer with the MHA drop-in: DDP over 2 context-parallel ranks vs one
+    process on the whole sequence.  Returns the largest differences of the output and of the
+    parameters after the step."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lhattn.distributed import context_parallel
+
+    n, world = sum(NN_SHARDS), len(NN_SHARDS)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    target = torch.randn(2, n, 16, generator=g, dtype=torch.float64)
+    kpm = torch.zeros(2, n, dtype=torch.bool)
+    kpm[1, -3:] = True
+    single = _encoder(0)
+    model = DDP(copy.deepcopy(single))
+    opt1, opt2 = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (single, model))
+
+    y = single(x, src_key_padding_mask=kpm)
+    ((y - target) ** 2).sum().backward()
+    opt1.step()
+
+    xs, ts, ks = (_split(t, NN_SHARDS, rank, 1) for t in (x, target, kpm))
+    with context_parallel():
+        ys = model(xs, src_key_padding_mask=ks)
+    # DDP averages the ranks' gradients; each rank holds one shard's part of the sum
+    (world * ((ys - ts) ** 2).sum()).backward()
+    opt2.step()
+    params = max((a - b).abs().max().item() for a, b in zip(single.parameters(), model.module.parameters()))
+    return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(), "params": params}
+
+
+def _hat_swe(rank):
+    """A segment-wise HAT layer (fixed segments crossing the shard boundary, one global token) under
+    ``context_parallel``: output and input gradient vs the single-process layer."""
+    from lhattn.distributed import context_parallel
+
+    n = sum(NN_SHARDS)
+    torch.manual_seed(1)
+    layer = lhattn.nn.HATLayer(16, 2, 32, dropout=0.0, segment_size=4, cross_segment_encoder=False,
+                               dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    gm = torch.zeros(2, n, dtype=torch.bool)
+    gm[:, 13] = True
+    y = layer(x, global_mask=gm)
+    y.sum().backward()
+    xs = _split(x.detach(), NN_SHARDS, rank, 1).clone().requires_grad_()
+    with context_parallel():
+        ys = layer(xs, global_mask=_split(gm, NN_SHARDS, rank, 1))
+    ys.sum().backward()
+    return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(),
+            "dx": (xs.grad - _split(x.grad, NN_SHARDS, rank, 1)).abs().max().item()}
+
+
 # ---- the spawned worker ---------------------------------------------------------------------------
 
 
@@ -182,6 +252,9 @@ def _worker(rank, world, port, path):
             result[name] = _errors(case, world, rank, seed=100 * world + i)
         if world == 3:
             result["bytes"] = _byte_counts(rank)
+        if world == 2:
+            result["ddp"] = _ddp_step(rank)
+            result["hat"] = _hat_swe(rank)
     except Exception:  # noqa: BLE001 -- reported to the test, which fails with the traceback
         result["error"] = traceback.format_exc()
     with open(os.path.join(path, f"rank{rank}.json"), "w") as f:
@@ -238,3 +311,13 @@ def test_bytes_sent_within_halo_bound(tmp_path_factory):
         assert cp["collective"] <= coll, (rank, cp, coll)
         # the bound is tight enough that all-gathering the keys breaks it
         assert naive["halo"] + naive["collective"] > halo + coll, (rank, naive, halo + coll)
+
+
+def test_ddp_step_matches_single_process(tmp_path_factory):
+    for rank, res in enumerate(_results(2, tmp_path_factory)):
+        assert res["ddp"]["out"] <= 1e-9 and res["ddp"]["params"] <= 1e-9, (rank, res["ddp"])
+
+
+def test_hat_segment_layer_context_parallel(tmp_path_factory):
+    for rank, res in enumerate(_results(2, tmp_path_factory)):
+        assert res["hat"]["out"] <= 1e-9 and res["hat"]["dx"] <= 1e-9, (rank, res["hat"])

@@ -34,9 +34,8 @@ from typing import Iterator, List
 from ._attention import context_parallel_attention
 from ._comm import Traffic, count_bytes
 
-__all__ = ["context_parallel_attention", "context_parallel", "current_group", "count_bytes", "Traffic"]
+__all__ = ["context_parallel_attention", "context_parallel", "is_active", "attention", "count_bytes", "Traffic"]
 
-_NO_GROUP = object()
 _STACK: List[object] = []
 
 
@@ -52,11 +51,17 @@ def context_parallel(group=None) -> Iterator[None]:
         _STACK.pop()
 
 
-def current_group():
-    """The group of the innermost :func:`context_parallel` block, or ``_NO_GROUP`` outside one."""
-    return _STACK[-1] if _STACK else _NO_GROUP
-
-
 def is_active() -> bool:
     """True inside a :func:`context_parallel` block."""
     return bool(_STACK)
+
+
+def attention(q, k, v, pattern, *, backend: str = "auto", global_qkv=None, **kwargs):
+    """:func:`lhattn.attention`'s signature, run by :func:`context_parallel_attention` over the group of
+    the innermost :func:`context_parallel` block (what the ``lhattn.nn`` modules call inside one).
+    ``backend`` is not used (the blocked engine runs on any device); ``global_qkv`` is not supported."""
+    if not _STACK:
+        raise RuntimeError("lhattn.distributed.attention is only meaningful inside a context_parallel() block")
+    if global_qkv is not None:
+        raise ValueError("global_qkv is not supported by context-parallel attention, got global_qkv")
+    return context_parallel_attention(q, k, v, pattern, _STACK[-1], **kwargs)

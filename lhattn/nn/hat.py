@@ -257,6 +257,12 @@ class HATLayer(nn.Module):
         self._check_input(x, segment_ids)
         reps = None
         if self.cross_segment_encoder is not None:
+            from .. import distributed
+
+            if distributed.is_active():
+                raise NotImplementedError(
+                    "the cross-segment encoder of HATLayer does not run context-parallel yet (its representatives "
+                    "span every rank); inside lhattn.distributed.context_parallel use segment-wise ('S') layers")
             reps = _representatives(x.shape[0], x.shape[1], segment_ids, self.segment_size, key_padding_mask,
                                     global_mask, x.device)
         return self._forward(x, reps, segment_ids, key_padding_mask, global_mask, segment_embeddings)

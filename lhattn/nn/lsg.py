@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as _functional
+from . import mha as _mha
 from ..patterns import LSG
 
 __all__ = ["LSGSelfAttention"]
 
 # As in lhattn.nn.mha: the fallback's autograd.Function builds masks that dynamo cannot capture.
-_attention = torch.compiler.disable(_functional.attention)
+_attention = _mha._attention  # lhattn.attention, or context-parallel inside lhattn.distributed.context_parallel
 
 
 def _check_positive_int(name: str, value: object) -> None:
