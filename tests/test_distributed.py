@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import lhattn
 import lhattn.nn
 from lhattn.distributed import context_parallel_attention, count_bytes
+from tolerance import max_err
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
@@ -94,14 +95,15 @@ def _errors(case, world, rank, seed):
     (q, k, v), dout, kw = _inputs(case, world, seed)
     sizes = SHARDS[world]
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = lhattn.attention(*leaves, case["pattern"], backend="fallback", **kw)
+    ref, ref_lse = lhattn.attention(*leaves, case["pattern"], backend="fallback", return_lse=True, **kw)
     ref.backward(dout)
     shard = [_split(x, sizes, rank, 2).clone().requires_grad_() for x in (q, k, v)]
     skw = {name: (_split(val, sizes, rank, 1) if torch.is_tensor(val) and name != "dropout_seed" else val)
            for name, val in kw.items()}
-    out = context_parallel_attention(*shard, case["pattern"], **skw)
+    out, lse = context_parallel_attention(*shard, case["pattern"], return_lse=True, **skw)
     out.backward(_split(dout, sizes, rank, 2))
-    errs = {"out": (out - _split(ref, sizes, rank, 2)).abs().max().item()}
+    errs = {"out": (out - _split(ref, sizes, rank, 2)).abs().max().item(),
+            "lse": max_err(lse, _split(ref_lse, sizes, rank, 2))}
     for name, a, r in zip("qkv", shard, leaves):
         errs["d" + name] = (a.grad - _split(r.grad, sizes, rank, 2)).abs().max().item()
     return errs
@@ -168,6 +170,17 @@ def _byte_counts(rank):
         outs.append([out] + [x.grad for x in (q, k, v)])
     res["naive_vs_cp"] = max((a - b).abs().max().item() for a, b in zip(*outs))
     return res
+
+
+def _disagreeing_ranks(rank):
+    """Rank 0 passes a key_padding_mask, rank 1 does not: both must raise the same ValueError."""
+    q = torch.randn(1, 2, 5, 4)
+    kpm = torch.zeros(1, 5, dtype=torch.bool) if rank == 0 else None
+    try:
+        context_parallel_attention(q, q, q, lhattn.SlidingWindow(2), key_padding_mask=kpm)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # ---- nn modules and DDP ---------------------------------------------------------------------------
@@ -253,6 +266,7 @@ def _worker(rank, world, port, path):
         if world == 3:
             result["bytes"] = _byte_counts(rank)
         if world == 2:
+            result["disagree"] = _disagreeing_ranks(rank)
             result["ddp"] = _ddp_step(rank)
             result["hat"] = _hat_swe(rank)
     except Exception:  # noqa: BLE001 -- reported to the test, which fails with the traceback
@@ -321,3 +335,23 @@ def test_ddp_step_matches_single_process(tmp_path_factory):
 def test_hat_segment_layer_context_parallel(tmp_path_factory):
     for rank, res in enumerate(_results(2, tmp_path_factory)):
         assert res["hat"]["out"] <= 1e-9 and res["hat"]["dx"] <= 1e-9, (rank, res["hat"])
+
+
+def test_ranks_must_agree(tmp_path_factory):
+    for res in _results(2, tmp_path_factory):
+        assert res["disagree"] is not None and "key_padding_mask given" in res["disagree"], res["disagree"]
+
+
+def test_bad_calls_raise_without_spawning():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(NotImplementedError, match="LSG"):
+        context_parallel_attention(q, q, q, lhattn.LSG(block_size=2))
+    with pytest.raises(TypeError, match="pattern must be SlidingWindow or Segments"):
+        context_parallel_attention(q, q, q, "window")
+    with pytest.raises(ValueError, match="segment_ids"):
+        context_parallel_attention(q, q, q, lhattn.SlidingWindow(2), segment_ids=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="dropout_p"):
+        context_parallel_attention(q, q, q, lhattn.SlidingWindow(2), dropout_p=1.5)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            context_parallel_attention(q, q, q, lhattn.SlidingWindow(2))
