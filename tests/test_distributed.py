@@ -57,6 +57,17 @@ def _cases(world):
         # segment 1 spans the first boundary, segment 2 spans the whole second shard (and more)
         "segments_ragged": dict(pattern=lhattn.Segments(), segments=[b0 - 3, b1 + 2], globals=[n - 2],
                                 heads=(4, 1), dropout=0.15),
+        "lsg_norm_padding_dropout": dict(pattern=lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="norm",
+                                                            num_global_tokens=2), padding=3, dropout=0.2),
+        "lsg_pooling_causal_prepended_gqa": dict(pattern=lhattn.LSG(block_size=3, sparsity_factor=3, causal=True,
+                                                                    sparsity_type="pooling", num_global_tokens=2,
+                                                                    global_layout="prepended"), heads=(4, 2)),
+        "lsg_lsh": dict(pattern=lhattn.LSG(block_size=4, sparse_block_size=4, sparsity_type="lsh",
+                                           num_global_tokens=1), padding=2),
+        "lsg_stride_fp32": dict(pattern=lhattn.LSG(block_size=2, sparse_block_size=3, sparsity_type="stride"),
+                                dtype=torch.float32, dropout=0.1),
+        "lsg_short_full_attention": dict(pattern=lhattn.LSG(block_size=16, num_global_tokens=1, causal=True),
+                                         padding=2),
     }
     return cases
 
@@ -344,9 +355,11 @@ def test_ranks_must_agree(tmp_path_factory):
 
 def test_bad_calls_raise_without_spawning():
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(NotImplementedError, match="LSG"):
-        context_parallel_attention(q, q, q, lhattn.LSG(block_size=2))
-    with pytest.raises(TypeError, match="pattern must be SlidingWindow or Segments"):
+    with pytest.raises(NotImplementedError, match="bos_pooling"):
+        context_parallel_attention(q, q, q, lhattn.LSG(block_size=2, sparsity_type="bos_pooling"))
+    with pytest.raises(ValueError, match="global_mask is not used by LSG"):
+        context_parallel_attention(q, q, q, lhattn.LSG(block_size=2), global_mask=torch.zeros(1, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="pattern must be SlidingWindow, Segments or LSG"):
         context_parallel_attention(q, q, q, "window")
     with pytest.raises(ValueError, match="segment_ids"):
         context_parallel_attention(q, q, q, lhattn.SlidingWindow(2), segment_ids=torch.zeros(1, 8, dtype=torch.long))

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _dropout, _ops
 from .. import _validation as V
 from .._index import global_indices, segment_bounds, visible_tokens, write_global_rows
-from ..fallback._globals import _AllKeysPlan, global_key_block
+from ..fallback._globals import global_key_block
 from ..fallback.engine import Dropout, KeyBlock, QueryBlock, _backward, _forward, blocked_attention
 from ..fallback.sliding_window import _WindowPlan
 from ..patterns import LSG, Pattern, Segments, SlidingWindow
@@ -21,6 +21,7 @@ from . import _comm as C
 __all__ = ["context_parallel_attention"]
 
 SEGMENT_BLOCK_ROWS = 128
+GLOBAL_ROW_BLOCK = 128
 
 
 # ---- the shared call description ------------------------------------------------------------------
@@ -82,6 +83,27 @@ class _Globals:
     def mine(self, x: Tensor) -> Tensor:
         """This rank's slots of a ``[B, H, W·g_max, ...]`` tensor."""
         return x.narrow(2, self.lay.rank * self.g_max, self.g_max)
+
+
+class _GlobalRowsPlan:
+    """Gathered global rows ``[B, H, R, D]`` (token positions ``pos [B, R]``, -1 = empty slot) over this
+    rank's keys ``[start, start + n)``: every valid key (every earlier one when ``causal``)."""
+
+    def __init__(self, pos: Tensor, valid: Optional[Tensor], n: int, start: int, causal: bool = False):
+        self.pos, self.valid, self.n, self.start, self.causal = pos, valid, n, start, causal
+
+    def blocks(self):
+        r = self.pos.shape[1]
+        keys = torch.arange(self.start, self.start + self.n, device=self.pos.device)
+        for a in range(0, r, GLOBAL_ROW_BLOCK):
+            rows = slice(a, min(r, a + GLOBAL_ROW_BLOCK))
+            pos = self.pos[:, rows]
+            mask = (pos >= 0)[:, None, :, None]
+            if self.valid is not None:
+                mask = mask & self.valid[:, None, None, :]
+            if self.causal:
+                mask = mask & (keys[None, None, None, :] <= pos[:, None, :, None])
+            yield QueryBlock(rows=rows, keys=[KeyBlock(index=slice(0, self.n), mask=mask)])
 
 
 def _merge(out: Tensor, lse: Tensor, group) -> Tuple[Tensor, Tensor]:
@@ -224,11 +246,12 @@ def _ragged_segment_ranges(segment_ids: Tensor, lay: C.Layout) -> List[Tuple[int
 
 def _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_seed, segment_ids, scale) -> None:
     V.check_qkv(q, k, v)
+    if not isinstance(pattern, (SlidingWindow, Segments, LSG)):
+        raise TypeError(f"pattern must be SlidingWindow, Segments or LSG, got {type(pattern).__name__}")
     if isinstance(pattern, LSG):
-        raise NotImplementedError("context_parallel_attention does not support LSG yet (SlidingWindow and "
-                                  "Segments only); run LSG layers without a context-parallel group")
-    if not isinstance(pattern, (SlidingWindow, Segments)):
-        raise TypeError(f"pattern must be SlidingWindow or Segments, got {type(pattern).__name__}")
+        from ._lsg import check_lsg
+
+        check_lsg(pattern, global_mask, segment_ids)
     V.check_token_mask("key_padding_mask", key_padding_mask, q)
     V.check_token_mask("global_mask", global_mask, q)
     V.check_scale(scale)
@@ -236,6 +259,8 @@ def _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_s
     if isinstance(pattern, SlidingWindow):
         if segment_ids is not None:
             raise ValueError("segment_ids is only meaningful for the Segments pattern, got it with SlidingWindow")
+    elif isinstance(pattern, LSG):
+        pass
     elif (segment_ids is None) == (pattern.segment_size is None):
         raise ValueError("Segments needs exactly one of segment_size (in the pattern) and segment_ids (per call); "
                          f"got segment_size={pattern.segment_size} and "
@@ -290,6 +315,11 @@ def context_parallel_attention(
     scale = d ** -0.5 if scale is None else scale
     state = _shared_state(dropout_p, dropout_seed, q.device, group)
 
+    if isinstance(pattern, LSG):
+        from ._lsg import lsg_attention
+
+        out, lse = lsg_attention(q, k, v, pattern, lay, key_padding_mask, scale, dropout_p, state)
+        return (out, lse) if return_lse else out
     glb = _Globals(q, k, v, glob, g_max, lay) if g_max > 0 else None
 
     # the halo: keys [lo, hi) of the whole sequence, k and v in one exchange
@@ -322,9 +352,17 @@ def context_parallel_attention(
         drop = Dropout(float(dropout_p), state, row_pos, [lo, 0], col_pos)
     out, lse = blocked_attention(q, sources, plan, scale, drop)
 
-    if glb is not None:
-        rows_plan = _AllKeysPlan(glb.pos, valid, n)
-        rows_drop = None if drop is None else Dropout(drop.p, state, glb.pos, [lay.start])
-        out_g, lse_g = _GlobalRows.apply(glb.q, k, v, rows_plan, scale, rows_drop, group)
-        out, lse = write_global_rows(out, lse, glb.own, glb.mine(out_g), glb.mine(lse_g))
+    out, lse = _with_global_rows(out, lse, glb, k, v, valid, lay, scale, dropout_p, state)
     return (out, lse) if return_lse else out
+
+
+def _with_global_rows(out, lse, glb: Optional[_Globals], k, v, valid, lay: C.Layout, scale, dropout_p, state,
+                      causal: bool = False):
+    """Replace this rank's global rows of ``(out, lse)`` (left at 0 / -inf by the local pass) by their
+    attention over every rank's keys."""
+    if glb is None:
+        return out, lse
+    plan = _GlobalRowsPlan(glb.pos, valid, k.shape[2], lay.start, causal)
+    drop = None if state is None else Dropout(float(dropout_p), state, glb.pos, [lay.start])
+    out_g, lse_g = _GlobalRows.apply(glb.q, k, v, plan, scale, drop, lay.group)
+    return write_global_rows(out, lse, glb.own, glb.mine(out_g), glb.mine(lse_g))
