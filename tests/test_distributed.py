@@ -263,6 +263,34 @@ def _hat_swe(rank):
             "dx": (xs.grad - _split(x.grad, NN_SHARDS, rank, 1)).abs().max().item()}
 
 
+def _lsg_layer(rank):
+    """``LSGSelfAttention`` (learned global tokens, prepended on rank 0 only) under ``context_parallel``."""
+    from lhattn.distributed import context_parallel
+
+    n = sum(NN_SHARDS)
+    torch.manual_seed(2)
+    layer = lhattn.nn.LSGSelfAttention(16, 2, block_size=2, sparsity_factor=2, sparsity_type="pooling",
+                                       num_global_tokens=2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, n, dtype=torch.bool)
+    kpm[0, -2:] = True
+    y = layer(x, key_padding_mask=kpm)
+    y.sum().backward()
+    ref_grad = layer.global_embeddings.grad.clone()
+    layer.zero_grad()
+    xs = _split(x.detach(), NN_SHARDS, rank, 1).clone().requires_grad_()
+    with context_parallel():
+        ys = layer(xs, key_padding_mask=_split(kpm, NN_SHARDS, rank, 1))
+    ys.sum().backward()
+    grad = layer.global_embeddings.grad  # None off rank 0: the global tokens live there
+    total = torch.zeros_like(ref_grad) if grad is None else grad.clone()
+    dist.all_reduce(total)  # what DDP would sum
+    return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(),
+            "dx": (xs.grad - _split(x.grad, NN_SHARDS, rank, 1)).abs().max().item(),
+            "dglobal": (total - ref_grad).abs().max().item()}
+
+
 # ---- the spawned worker ---------------------------------------------------------------------------
 
 
@@ -280,6 +308,7 @@ def _worker(rank, world, port, path):
             result["disagree"] = _disagreeing_ranks(rank)
             result["ddp"] = _ddp_step(rank)
             result["hat"] = _hat_swe(rank)
+            result["lsg_layer"] = _lsg_layer(rank)
     except Exception:  # noqa: BLE001 -- reported to the test, which fails with the traceback
         result["error"] = traceback.format_exc()
     with open(os.path.join(path, f"rank{rank}.json"), "w") as f:
@@ -368,3 +397,8 @@ def test_bad_calls_raise_without_spawning():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             context_parallel_attention(q, q, q, lhattn.SlidingWindow(2))
+
+
+def test_lsg_layer_context_parallel(tmp_path_factory):
+    for rank, res in enumerate(_results(2, tmp_path_factory)):
+        assert max(res["lsg_layer"].values()) <= 1e-9, (rank, res["lsg_layer"])

@@ -15,7 +15,11 @@ position).  What moves between ranks (NCCL on GPUs, gloo on CPU; count it with :
 * **Global tokens** -- each rank all-gathers only the global tokens' q/k/v rows; every rank attends
   all global rows to its own keys, and the partial ``(out, lse)`` are merged by all-reduce (log-sum-exp),
   so the traffic is O(G·D) per rank, never O(N·D).
-* **LSG** -- not supported yet (NotImplementedError).
+* **LSG** -- the local blocks and the tokens that make the compressed keys a query needs, as a halo
+  of whole blocks (at most ``2·b + sb·f`` tokens per side, ``b`` = block_size, ``f`` =
+  sparsity_factor, ``sb`` = sparse_block_size); each rank recomputes those compressed keys, so no
+  pooling group or selection chunk is split.  The first ``num_global_tokens`` tokens are global
+  tokens as above.  ``bos_pooling`` is not supported (NotImplementedError).
 
 Every rank must call with the same kinds of arguments (checked with one small all-gather).
 Computation runs in the blocked fallback engine (:mod:`lhattn.fallback.engine`) on any device.
@@ -23,7 +27,11 @@ Computation runs in the blocked fallback engine (:mod:`lhattn.fallback.engine`) 
 The ``lhattn.nn`` modules run context-parallel inside :func:`context_parallel`::
 
     with lhattn.distributed.context_parallel(group):
-        y = model(x_shard)   # MultiheadAttention / HAT layers see this rank's shard only
+        y = model(x_shard)   # this rank's shard in, its shard out
+
+``MultiheadAttention`` (the drop-in, also inside ``nn.TransformerEncoderLayer`` and DDP), the
+segment-wise part of ``HATLayer`` and ``LSGSelfAttention`` (its learned global tokens are prepended
+on the group's rank 0 only) route their attention here; HAT's cross-segment encoder raises.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Iterator, List
 from ._attention import context_parallel_attention
 from ._comm import Traffic, count_bytes
 
-__all__ = ["context_parallel_attention", "context_parallel", "is_active", "attention", "count_bytes", "Traffic"]
+__all__ = ["context_parallel_attention", "context_parallel", "is_active", "group_rank", "attention", "count_bytes", "Traffic"]
 
 _STACK: List[object] = []
 
@@ -54,6 +62,15 @@ def context_parallel(group=None) -> Iterator[None]:
 def is_active() -> bool:
     """True inside a :func:`context_parallel` block."""
     return bool(_STACK)
+
+
+def group_rank() -> int:
+    """This process's rank in the group of the innermost :func:`context_parallel` block."""
+    import torch.distributed as dist
+
+    if not _STACK:
+        raise RuntimeError("lhattn.distributed.group_rank is only meaningful inside a context_parallel() block")
+    return dist.get_rank(_STACK[-1])
 
 
 def attention(q, k, v, pattern, *, backend: str = "auto", global_qkv=None, **kwargs):

@@ -292,7 +292,8 @@ def context_parallel_attention(
     Args:
         q: this rank's shard ``[B, H, N_r, D]``; shards follow rank order and may differ in length.
         k, v: ``[B, H_kv, N_r, D]`` (GQA as in :func:`lhattn.attention`).
-        pattern: :class:`~lhattn.SlidingWindow` or :class:`~lhattn.Segments` (LSG: not yet).
+        pattern: :class:`~lhattn.SlidingWindow`, :class:`~lhattn.Segments` or :class:`~lhattn.LSG`
+            (not ``bos_pooling``).
         group: a ``torch.distributed`` process group; None = the default (world) group.
         global_mask, key_padding_mask: this rank's ``[B, N_r]`` shards (every rank passes them, or none).
         dropout_p, dropout_seed: as in :func:`lhattn.attention`; the entries dropped are those of the
