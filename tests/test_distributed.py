@@ -240,27 +240,40 @@ def _ddp_step(rank):
     return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(), "params": params}
 
 
-def _hat_swe(rank):
-    """A segment-wise HAT layer (fixed segments crossing the shard boundary, one global token) under
-    ``context_parallel``: output and input gradient vs the single-process layer."""
+def _hat_encoder(rank, ragged):
+    """A HAT encoder ("SD|S|D": segment-wise and cross-segment layers, segment position embeddings;
+    segments crossing the shard boundary, a global token, padding) under ``context_parallel``: output,
+    input gradient and the parameter gradients summed over ranks vs the single-process encoder."""
     from lhattn.distributed import context_parallel
 
     n = sum(NN_SHARDS)
     torch.manual_seed(1)
-    layer = lhattn.nn.HATLayer(16, 2, 32, dropout=0.0, segment_size=4, cross_segment_encoder=False,
+    size = None if ragged else 4
+    enc = lhattn.nn.HATEncoder(16, 2, "SD|S|D", 32, dropout=0.0, segment_size=size, max_segments=8,
                                dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    gm = torch.zeros(2, n, dtype=torch.bool)
-    gm[:, 13] = True
-    y = layer(x, global_mask=gm)
+    kw = dict(global_mask=torch.zeros(2, n, dtype=torch.bool), key_padding_mask=torch.zeros(2, n, dtype=torch.bool))
+    kw["global_mask"][:, 13] = True
+    kw["key_padding_mask"][1, -2:] = True
+    if ragged:  # segment [7, 14) crosses the boundary at 11; batch row 1 differs
+        ids = torch.tensor([0] * 3 + [1] * 4 + [2] * 7 + [3] * 3)
+        kw["segment_ids"] = torch.stack([ids, (torch.arange(n) >= 5).long() + (torch.arange(n) >= 12).long()])
+    y = enc(x, **kw)
     y.sum().backward()
+    ref = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
     xs = _split(x.detach(), NN_SHARDS, rank, 1).clone().requires_grad_()
     with context_parallel():
-        ys = layer(xs, global_mask=_split(gm, NN_SHARDS, rank, 1))
+        ys = enc(xs, **{k: _split(v, NN_SHARDS, rank, 1) for k, v in kw.items()})
     ys.sum().backward()
+    dparams = 0.0
+    for p, r in zip(enc.parameters(), ref):
+        total = torch.zeros_like(r) if p.grad is None else p.grad.clone()
+        dist.all_reduce(total)  # what DDP would sum
+        dparams = max(dparams, (total - r).abs().max().item())
     return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(),
-            "dx": (xs.grad - _split(x.grad, NN_SHARDS, rank, 1)).abs().max().item()}
+            "dx": (xs.grad - _split(x.grad, NN_SHARDS, rank, 1)).abs().max().item(), "dparams": dparams}
 
 
 def _lsg_layer(rank):
@@ -307,7 +320,8 @@ def _worker(rank, world, port, path):
         if world == 2:
             result["disagree"] = _disagreeing_ranks(rank)
             result["ddp"] = _ddp_step(rank)
-            result["hat"] = _hat_swe(rank)
+            result["hat"] = _hat_encoder(rank, ragged=False)
+            result["hat_ragged"] = _hat_encoder(rank, ragged=True)
             result["lsg_layer"] = _lsg_layer(rank)
     except Exception:  # noqa: BLE001 -- reported to the test, which fails with the traceback
         result["error"] = traceback.format_exc()
@@ -372,9 +386,10 @@ def test_ddp_step_matches_single_process(tmp_path_factory):
         assert res["ddp"]["out"] <= 1e-9 and res["ddp"]["params"] <= 1e-9, (rank, res["ddp"])
 
 
-def test_hat_segment_layer_context_parallel(tmp_path_factory):
+@pytest.mark.parametrize("case", ["hat", "hat_ragged"])
+def test_hat_encoder_context_parallel(case, tmp_path_factory):
     for rank, res in enumerate(_results(2, tmp_path_factory)):
-        assert res["hat"]["out"] <= 1e-9 and res["hat"]["dx"] <= 1e-9, (rank, res["hat"])
+        assert max(res[case].values()) <= 1e-9, (rank, res[case])
 
 
 def test_ranks_must_agree(tmp_path_factory):

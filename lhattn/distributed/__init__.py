@@ -31,7 +31,9 @@ The ``lhattn.nn`` modules run context-parallel inside :func:`context_parallel`::
 
 ``MultiheadAttention`` (the drop-in, also inside ``nn.TransformerEncoderLayer`` and DDP), the
 segment-wise part of ``HATLayer`` and ``LSGSelfAttention`` (its learned global tokens are prepended
-on the group's rank 0 only) route their attention here; HAT's cross-segment encoder raises.
+on the group's rank 0 only) route their attention here; HAT's cross-segment encoder all-gathers the
+representatives (:mod:`lhattn.distributed._hat`, O(R·E) per rank) and runs on all of them on
+every rank.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Iterator, List
 from ._attention import context_parallel_attention
 from ._comm import Traffic, count_bytes
 
-__all__ = ["context_parallel_attention", "context_parallel", "is_active", "group_rank", "attention", "count_bytes", "Traffic"]
+__all__ = ["context_parallel_attention", "context_parallel", "is_active", "current_group", "group_rank", "attention", "count_bytes", "Traffic"]
 
 _STACK: List[object] = []
 
@@ -62,6 +64,13 @@ def context_parallel(group=None) -> Iterator[None]:
 def is_active() -> bool:
     """True inside a :func:`context_parallel` block."""
     return bool(_STACK)
+
+
+def current_group():
+    """The group of the innermost :func:`context_parallel` block (None = the default group)."""
+    if not _STACK:
+        raise RuntimeError("lhattn.distributed.current_group is only meaningful inside a context_parallel() block")
+    return _STACK[-1]
 
 
 def group_rank() -> int:
