@@ -44,7 +44,8 @@ from typing import Iterator, List
 from ._attention import context_parallel_attention
 from ._comm import Traffic, count_bytes
 
-__all__ = ["context_parallel_attention", "context_parallel", "is_active", "current_group", "group_rank", "attention", "count_bytes", "Traffic"]
+__all__ = ["context_parallel_attention", "context_parallel", "is_active", "current_group", "group_rank", "attention",
+           "count_bytes", "Traffic"]
 
 _STACK: List[object] = []
 

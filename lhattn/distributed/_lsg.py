@@ -106,8 +106,8 @@ class _HaloLSGPlan:
             i = torch.arange(r0, r1, device=self.device)[:, None]
             mask = mask & (torch.arange(k0, k1, device=self.device)[None, :] <= i)
         if self.valid_q is not None:
-            lo = self.need.lo
-            mask = mask & self.valid_k[:, None, None, k0 - lo:k1 - lo] & self.valid_q[:, None, r0 - self.s:r1 - self.s, None]
+            lo, s = self.need.lo, self.s
+            mask = mask & self.valid_k[:, None, None, k0 - lo:k1 - lo] & self.valid_q[:, None, r0 - s:r1 - s, None]
         return mask
 
     def _sparse_block(self, r0: int, r1: int, p0: int, p1: int) -> Optional[KeyBlock]:

@@ -124,7 +124,10 @@ class _KeepBits:
             cols = torch.arange(*idx.indices(self.lengths[i]), device=dev) if isinstance(idx, slice) else idx
             col_pos = None if self.drop.col_pos is None else self.drop.col_pos[i]
             if col_pos is not None:  # [B, N_s] -> [B, L]; padding slots read row 0 (masked anyway)
-                cols = col_pos[:, idx] if isinstance(idx, slice) else col_pos.gather(1, idx.clamp(0, self.lengths[i] - 1))
+                if isinstance(idx, slice):
+                    cols = col_pos[:, idx]
+                else:
+                    cols = col_pos.gather(1, idx.clamp(0, self.lengths[i] - 1))
                 cols = cols.clamp(min=0)
             else:
                 cols = cols + self.offsets[i]
