@@ -183,6 +183,23 @@ def _byte_counts(rank):
     return res
 
 
+# halo tokens per rank (both sides) that the module docstrings promise: Segments(S) <= 2·(S - 1);
+# LSG <= 2·(2 + ceil(sb·f / b))·b (neighbour blocks plus the blocks that make the compressed keys)
+OTHER_BYTES = {"segments": (lhattn.Segments(6), 2 * 5),
+               "lsg": (lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="pooling"), 2 * 3 * 4)}
+
+
+def _other_byte_counts(rank):
+    res = {}
+    for name, (pattern, _) in OTHER_BYTES.items():
+        (q, k, v), gm, kpm = _bytes_inputs(rank)
+        with count_bytes() as t:
+            gkw = {} if isinstance(pattern, lhattn.LSG) else {"global_mask": gm}
+            context_parallel_attention(q, k, v, pattern, key_padding_mask=kpm, **gkw).sum().backward()
+        res[name] = dict(halo=t.halo, collective=t.collective, halo_received=t.halo_received)
+    return res
+
+
 def _disagreeing_ranks(rank):
     """Rank 0 passes a key_padding_mask, rank 1 does not: both must raise the same ValueError."""
     q = torch.randn(1, 2, 5, 4)
@@ -317,6 +334,7 @@ def _worker(rank, world, port, path):
             result[name] = _errors(case, world, rank, seed=100 * world + i)
         if world == 3:
             result["bytes"] = _byte_counts(rank)
+            result["other_bytes"] = _other_byte_counts(rank)
         if world == 2:
             result["disagree"] = _disagreeing_ranks(rank)
             result["ddp"] = _ddp_step(rank)
@@ -379,6 +397,16 @@ def test_bytes_sent_within_halo_bound(tmp_path_factory):
         assert cp["collective"] <= coll, (rank, cp, coll)
         # the bound is tight enough that all-gathering the keys breaks it
         assert naive["halo"] + naive["collective"] > halo + coll, (rank, naive, halo + coll)
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_BYTES))
+def test_bytes_segments_lsg_within_halo_bound(name, tmp_path_factory):
+    rows = OTHER_BYTES[name][1]
+    halo = 2 * rows * B * 2 * H_KV * D * 8 + rows * B
+    _, coll = _byte_bounds(3, g_max=1)
+    for rank, res in enumerate(_results(3, tmp_path_factory)):
+        t = res["other_bytes"][name]
+        assert 0 < t["halo_received"] <= halo and t["halo"] <= halo and t["collective"] <= coll, (rank, t, halo, coll)
 
 
 def test_ddp_step_matches_single_process(tmp_path_factory):

@@ -16,7 +16,7 @@ position).  What moves between ranks (NCCL on GPUs, gloo on CPU; count it with :
   all global rows to its own keys, and the partial ``(out, lse)`` are merged by all-reduce (log-sum-exp),
   so the traffic is O(G·D) per rank, never O(N·D).
 * **LSG** -- the local blocks and the tokens that make the compressed keys a query needs, as a halo
-  of whole blocks (at most ``2·b + sb·f`` tokens per side, ``b`` = block_size, ``f`` =
+  of whole blocks (at most ``(2 + ceil(sb·f / b))·b`` tokens per side, ``b`` = block_size, ``f`` =
   sparsity_factor, ``sb`` = sparse_block_size); each rank recomputes those compressed keys, so no
   pooling group or selection chunk is split.  The first ``num_global_tokens`` tokens are global
   tokens as above.  ``bos_pooling`` is not supported (NotImplementedError).

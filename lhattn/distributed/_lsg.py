@@ -7,7 +7,8 @@ blocks ``t0 .. t1`` needs, besides its shard:
 * the local keys of blocks ``t0 - 1 .. t1 + 1`` (``t1`` when causal) -- at most ``2·b`` tokens of
   halo on each side;
 * the tokens that make its compressed keys ``[(t0-1)·s - sb, (t1+2)·s + sb)`` (left part only when
-  causal), rounded out to whole blocks -- at most ``sb·f + 2·b`` more tokens per side.  It computes
+  causal), rounded out to whole blocks -- in all at most ``(2 + ceil(sb·f / b))·b`` tokens per side
+  (this one and the one above).  It computes
   those compressed keys itself (:func:`lhattn.selection.select_sparse` on a block-aligned slice of
   the sequence, with the global tokens marked unusable), so a pooling group or a ``norm`` / ``lsh``
   chunk is never split between ranks;
