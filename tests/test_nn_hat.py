@@ -336,3 +336,76 @@ def test_hat_errors():
         enc(torch.randn(1, 12, E), segment_ids=torch.zeros(1, 12, dtype=torch.long))
     with pytest.raises(ValueError, match="x must be"):
         enc(torch.randn(1, 12, E + 1))
+
+
+# ---- segment positions --------------------------------------------------------------------------
+
+
+def _absolute_by_hand(enc, x, kpm, seg_ids, fixed):
+    """One-layer encoder: its CSE input + table[s + 1] for the representative of segment s (s counted
+    over padded segments too), written as a loop feeding HATLayer's segment_embeddings."""
+    b, n, _ = x.shape
+    reps = representative_index(b, n, segment_ids=seg_ids, key_padding_mask=kpm)
+    emb = torch.zeros(b, reps.shape[1], E, dtype=x.dtype)
+    for bi in range(b):
+        starts = [i for i in range(n) if i == 0 or seg_ids[bi, i] != seg_ids[bi, i - 1]]
+        for slot, pos in enumerate(reps[bi].tolist()):
+            if pos >= 0:
+                emb[bi, slot] = enc.segment_position.weight[starts.index(pos) + 1]
+    seg_kw = {} if fixed else dict(segment_ids=seg_ids)
+    return enc.layers[0](x, key_padding_mask=kpm, segment_embeddings=emb, **seg_kw)
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["segment_size", "segment_ids"])
+def test_absolute_segment_positions_match_loop(fixed):
+    """segment_positions='absolute' (HAT's numbering): a padded middle segment keeps the numbers of
+    the segments after it; 'rank' renumbers them; both agree when no segment starts with padding."""
+    torch.manual_seed(0)
+    b, s = 3, 4
+    lengths = [[4] * 5, [4] * 5, [4] * 5] if fixed else [[4, 4, 4, 4, 4], [3, 4, 5, 4, 4], [2, 6, 3, 5, 4]]
+    seg_ids = torch.stack([_ids_from_lengths(ls) for ls in lengths])
+    n = seg_ids.shape[1]
+    kpm = torch.zeros(b, n, dtype=torch.bool)
+    if fixed:
+        kpm[1, 4:8] = True  # a padded middle segment
+    else:
+        kpm[1, 3:8] = True  # a padded middle segment, and the next one starts with padding
+    kpm[2, 17:] = True    # padded last segments
+    size, seg_kw = (dict(segment_size=s), {}) if fixed else ({}, dict(segment_ids=seg_ids))
+    common = dict(dropout=0.0, max_segments=6, dtype=torch.float64, **size)
+    enc = lnn.HATEncoder(E, HEADS, "SD", 32, segment_positions="absolute", **common).eval()
+    rank = lnn.HATEncoder(E, HEADS, "SD", 32, **common).eval()
+    with torch.no_grad():
+        enc.segment_position.weight.normal_()
+        rank.load_state_dict({**enc.state_dict(), "segment_position.weight": enc.segment_position.weight[1:]})
+        x = torch.randn(b, n, E, dtype=torch.float64)
+        out = enc(x, key_padding_mask=kpm, **seg_kw)
+        ref = _absolute_by_hand(enc, x, kpm, seg_ids, fixed)
+        out_rank = rank(x, key_padding_mask=kpm, **seg_kw)
+    real = ~kpm
+    assert (out - ref)[real].abs().max() < 1e-12
+    assert (out - out_rank)[0].abs().max() < 1e-12         # no padded segment
+    assert (out - out_rank)[1][real[1]].abs().max() > 1e-3  # a padded middle segment renumbers the rest
+
+
+def test_segment_positions_errors_and_frozen_padding_row():
+    with pytest.raises(ValueError, match="segment_positions must be one of"):
+        lnn.HATEncoder(E, HEADS, "SD", segment_size=4, max_segments=2, segment_positions="relative")
+    with pytest.raises(ValueError, match="needs max_segments set"):
+        lnn.HATEncoder(E, HEADS, "SD", segment_size=4, segment_positions="absolute")
+    with pytest.raises(ValueError, match="needs max_segments None"):
+        lnn.HATEncoder(E, HEADS, "SD", segment_size=4, max_segments=2, segment_positions="none")
+    with pytest.raises(ValueError, match="segment_padding_idx must be"):
+        lnn.HATEncoder(E, HEADS, "SD", segment_size=4, max_segments=2, segment_positions="absolute",
+                       segment_padding_idx=3)
+    enc = lnn.HATEncoder(E, HEADS, "SD|SD", 32, segment_size=4, max_segments=3, segment_positions="absolute",
+                         segment_padding_idx=1)
+    assert enc.segment_position.num_embeddings == 4 and enc.segment_position.padding_idx == 1
+    x = torch.randn(2, 12, E)
+    with pytest.raises(ValueError, match="global tokens have none"):
+        enc(x, global_mask=torch.zeros(2, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="4 segments .* more than max_segments=3"):
+        enc(torch.randn(2, 13, E))
+    enc(x).square().sum().backward()
+    grad = enc.segment_position.weight.grad
+    assert float(grad[1].abs().max()) == 0.0 and float(grad[2].abs().max()) > 0  # row 1 (segment 0) frozen

@@ -7,11 +7,13 @@
 
 import importlib.util as _importlib_util
 
-from .hat import HATEncoder, HATLayer, cross_segment_attention, representative_index
+from .hat import HATEncoder, HATLayer, cross_segment_attention, representative_index, segment_ordinal
+from .hat_model import HATConfig, HATForMaskedLM, HATForSequenceClassification, HATModel, HATOutput
 from .mha import MultiheadAttention, replace_attention
 
 __all__ = ["MultiheadAttention", "replace_attention", "HATLayer", "HATEncoder", "cross_segment_attention",
-           "representative_index"]
+           "representative_index", "segment_ordinal", "HATConfig", "HATModel", "HATForMaskedLM",
+           "HATForSequenceClassification", "HATOutput"]
 
 if _importlib_util.find_spec(f"{__name__}.lsg") is not None:  # the LSG layer, once lhattn/nn/lsg.py exists
     from . import lsg  # noqa: E402

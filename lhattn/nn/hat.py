@@ -39,7 +39,7 @@ from .._index import global_indices, segment_bounds
 from ..patterns import Segments
 from .mha import MultiheadAttention
 
-__all__ = ["cross_segment_attention", "representative_index", "HATLayer", "HATEncoder"]
+__all__ = ["cross_segment_attention", "representative_index", "segment_ordinal", "HATLayer", "HATEncoder"]
 
 
 # ---- representatives ---------------------------------------------------------------------------
@@ -326,8 +326,21 @@ class HATEncoder(nn.Module):
 
     Args: those of :class:`HATLayer`, plus
         layout: e.g. ``"SD|SD|SD|SD"`` (default; interleaved, 4 layers), ``"S|S|SD|SD"`` (late).
-        max_segments: if set, a learned embedding of the representative's rank (0, 1, ...) in its
-            row, shared by every CSE and added to its input (HAT's tied segment positions).
+        max_segments: the number of segments the segment-position table covers (with
+            ``segment_positions`` "rank" or "absolute"); one table, shared by every CSE and added to
+            its input (HAT's tied segment positions).
+        segment_positions: which row a representative reads --
+            ``"rank"`` (default when ``max_segments`` is set): its rank (0, 1, ...) among its row's
+            representatives, from a table of ``max_segments`` rows;
+            ``"absolute"`` (HAT's numbering): ``s + 1`` for the first token of segment ``s``
+            (0-based, padded segments counted), from a table of ``max_segments + 1`` rows whose row
+            ``segment_padding_idx`` is an ``nn.Embedding`` padding row (no gradient: frozen in
+            training; HAT gives it to padded segments, which have no representative here, so it is
+            never read unless ``segment_padding_idx`` is also a segment's number, as when a HAT
+            checkpoint has ``pad_token_id`` 1); no ``global_mask`` (global tokens have no segment
+            number);
+            ``"none"`` (default without ``max_segments``): no segment positions.
+        segment_padding_idx: the padding row of the "absolute" table (default 0).
         final_norm: a LayerNorm after the stack (default: ``norm_first``).
 
     ``forward(x [B, N, E], *, segment_ids=None, key_padding_mask=None, global_mask=None) -> [B, N, E]``.
@@ -338,6 +351,7 @@ class HATEncoder(nn.Module):
                  activation: Union[str, Callable[[Tensor], Tensor]] = "relu", layer_norm_eps: float = 1e-5,
                  norm_first: bool = False, bias: bool = True, *, attention_dropout: Optional[float] = None,
                  segment_size: Optional[int] = None, max_segments: Optional[int] = None,
+                 segment_positions: Optional[str] = None, segment_padding_idx: int = 0,
                  final_norm: Optional[bool] = None, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         factory = dict(device=device, dtype=dtype)
@@ -348,7 +362,12 @@ class HATEncoder(nn.Module):
                      attention_dropout=attention_dropout, segment_size=segment_size, segment_encoder="S" in item,
                      cross_segment_encoder="D" in item, backend=backend, **factory)
             for item in self.layout])
-        self.segment_position = None if max_segments is None else nn.Embedding(max_segments, d_model, **factory)
+        self.segment_positions = _segment_positions_mode(segment_positions, max_segments, segment_padding_idx)
+        self.segment_position = None
+        if self.segment_positions == "rank":
+            self.segment_position = nn.Embedding(max_segments, d_model, **factory)
+        elif self.segment_positions == "absolute":
+            self.segment_position = nn.Embedding(max_segments + 1, d_model, padding_idx=segment_padding_idx, **factory)
         final_norm = norm_first if final_norm is None else final_norm
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory) if final_norm else None
 
@@ -359,12 +378,64 @@ class HATEncoder(nn.Module):
         if any("D" in item for item in self.layout):
             reps = _representatives_here(x.shape[0], x.shape[1], segment_ids, self.segment_size, key_padding_mask,
                                          global_mask, x.device)
-            r = _width(reps)
-            if self.segment_position is not None:
+            if self.segment_positions == "rank":
+                r = _width(reps)
                 if r > self.segment_position.num_embeddings:
                     raise ValueError(f"a batch row has {r} representatives (segments + global tokens), more than "
                                      f"max_segments={self.segment_position.num_embeddings}")
                 emb = self.segment_position(torch.arange(r, device=x.device))
+            elif self.segment_positions == "absolute":
+                if not isinstance(reps, tuple):
+                    raise NotImplementedError("segment_positions='absolute' does not run context-parallel yet "
+                                              "(segment numbers span the ranks); use 'rank' or 'none'")
+                emb = self._absolute_positions(reps[1], segment_ids, global_mask, x.shape[1])
         for layer in self.layers:
             x = layer._forward(x, reps, segment_ids, key_padding_mask, global_mask, emb)
         return x if self.norm is None else self.norm(x)
+
+    def _absolute_positions(self, index: Tensor, segment_ids: Optional[Tensor], global_mask: Optional[Tensor],
+                            n: int) -> Tensor:
+        """HAT's segment positions ``[B, R, E]``: row ``s + 1`` for the representative of segment ``s``."""
+        if global_mask is not None:
+            raise ValueError("segment_positions='absolute' numbers segments and global tokens have none: "
+                             "pass global_mask=None or build the encoder with segment_positions='rank'")
+        table = self.segment_position
+        ordinal = segment_ordinal(index.shape[0], n, segment_ids=segment_ids, segment_size=self.segment_size,
+                                  device=index.device)
+        count = int(ordinal[:, -1].max()) + 1 if n else 0
+        if count > table.num_embeddings - 1:
+            raise ValueError(f"a batch row has {count} segments (padded ones counted), more than "
+                             f"max_segments={table.num_embeddings - 1}")
+        rows = ordinal.gather(1, index.clamp(min=0)) + 1
+        return table(rows.masked_fill(index < 0, table.padding_idx))
+
+
+SEGMENT_POSITIONS = ("rank", "absolute", "none")
+
+
+def _segment_positions_mode(mode: Optional[str], max_segments: Optional[int], padding_idx: int) -> str:
+    if mode is None:
+        mode = "none" if max_segments is None else "rank"
+    if mode not in SEGMENT_POSITIONS:
+        raise ValueError(f"segment_positions must be one of {SEGMENT_POSITIONS} or None, got {mode!r}")
+    if (mode == "none") != (max_segments is None):
+        raise ValueError(f"segment_positions={mode!r} needs max_segments "
+                         f"{'None' if mode == 'none' else 'set (an int >= 1)'}, got max_segments={max_segments!r}")
+    if mode != "none" and (isinstance(max_segments, bool) or not isinstance(max_segments, int) or max_segments < 1):
+        raise ValueError(f"max_segments must be an int >= 1, got {max_segments!r}")
+    if mode == "absolute" and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                               or not 0 <= padding_idx <= max_segments):
+        raise ValueError(f"segment_padding_idx must be an int in [0, max_segments={max_segments}], got {padding_idx!r}")
+    return mode
+
+
+def segment_ordinal(b: int, n: int, *, segment_ids: Optional[Tensor] = None, segment_size: Optional[int] = None,
+                    device=None) -> Tensor:
+    """``[B, N]`` int64: the 0-based number of each token's segment in its batch row (padded
+    segments counted), for fixed ``segment_size`` or runs of equal ``segment_ids`` (exactly one)."""
+    _segment_args(segment_ids, segment_size)
+    if segment_ids is None:
+        return (torch.arange(n, device=device) // segment_size).expand(b, n)
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return first.long().cumsum(dim=1) - 1

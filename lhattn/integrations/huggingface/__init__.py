@@ -4,6 +4,8 @@ One module per integration; this package re-exports their public names:
 
 * :mod:`.longformer` -- ``LongformerSelfAttention`` patched onto :func:`lhattn.attention`
   (:func:`patch_longformer` / :func:`unpatch_longformer`).
+* :mod:`.lsg` -- LSG-RoBERTa / LSG-XLM-R / LSG-BERT checkpoints (``lsg_converter``) as
+  transformers models on lhattn (:func:`from_lsg_checkpoint`).
 
 ``transformers`` is imported lazily by each function, so importing this package works
 without it.
@@ -11,6 +13,7 @@ without it.
 
 from .longformer import (is_patched, longformer_window, patch_longformer, patch_self_attention, unpatch,
                          unpatch_longformer, unpatch_self_attention)
+from .lsg import from_lsg_checkpoint
 
 __all__ = ["patch_longformer", "unpatch_longformer", "unpatch", "patch_self_attention",
-           "unpatch_self_attention", "is_patched", "longformer_window"]
+           "unpatch_self_attention", "is_patched", "longformer_window", "from_lsg_checkpoint"]
