@@ -276,14 +276,15 @@ def _hat_encoder(rank, ragged):
     if ragged:  # segment [7, 14) crosses the boundary at 11; batch row 1 differs
         ids = torch.tensor([0] * 3 + [1] * 4 + [2] * 7 + [3] * 3)
         kw["segment_ids"] = torch.stack([ids, (torch.arange(n) >= 5).long() + (torch.arange(n) >= 12).long()])
+    w = torch.randn(2, n, 16, generator=g, dtype=torch.float64)  # a loss whose gradient is not ~0 after LayerNorm
     y = enc(x, **kw)
-    y.sum().backward()
+    (y * w).sum().backward()
     ref = [p.grad.clone() for p in enc.parameters()]
     enc.zero_grad()
     xs = _split(x.detach(), NN_SHARDS, rank, 1).clone().requires_grad_()
     with context_parallel():
         ys = enc(xs, **{k: _split(v, NN_SHARDS, rank, 1) for k, v in kw.items()})
-    ys.sum().backward()
+    (ys * _split(w, NN_SHARDS, rank, 1)).sum().backward()
     dparams = 0.0
     for p, r in zip(enc.parameters(), ref):
         total = torch.zeros_like(r) if p.grad is None else p.grad.clone()
