@@ -295,8 +295,8 @@ def _hat_encoder(rank, ragged):
 
 
 def _lsg_layer(rank):
-    """``LSGSelfAttention`` (learned global tokens, prepended on rank 0 only) under ``context_parallel``."""
-    from lhattn.distributed import context_parallel
+    """``LSGSelfAttention`` (learned global tokens, prepended on rank 0 only) under ``parallelize``."""
+    from lhattn.distributed import is_active, parallelize
 
     n = sum(NN_SHARDS)
     torch.manual_seed(2)
@@ -311,15 +311,15 @@ def _lsg_layer(rank):
     ref_grad = layer.global_embeddings.grad.clone()
     layer.zero_grad()
     xs = _split(x.detach(), NN_SHARDS, rank, 1).clone().requires_grad_()
-    with context_parallel():
-        ys = layer(xs, key_padding_mask=_split(kpm, NN_SHARDS, rank, 1))
+    parallelize(layer)  # the module form of context_parallel(): every forward from now on
+    ys = layer(xs, key_padding_mask=_split(kpm, NN_SHARDS, rank, 1))
     ys.sum().backward()
     grad = layer.global_embeddings.grad  # None off rank 0: the global tokens live there
     total = torch.zeros_like(ref_grad) if grad is None else grad.clone()
     dist.all_reduce(total)  # what DDP would sum
     return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(),
             "dx": (xs.grad - _split(x.grad, NN_SHARDS, rank, 1)).abs().max().item(),
-            "dglobal": (total - ref_grad).abs().max().item()}
+            "dglobal": (total - ref_grad).abs().max().item(), "active_after_forward": float(is_active())}
 
 
 # ---- the spawned worker ---------------------------------------------------------------------------

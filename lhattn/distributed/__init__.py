@@ -29,6 +29,7 @@ The ``lhattn.nn`` modules run context-parallel inside :func:`context_parallel`::
     with lhattn.distributed.context_parallel(group):
         y = model(x_shard)   # this rank's shard in, its shard out
 
+or, once for good, ``lhattn.distributed.parallelize(model, group)`` (forward hooks).
 ``MultiheadAttention`` (the drop-in, also inside ``nn.TransformerEncoderLayer`` and DDP), the
 segment-wise part of ``HATLayer`` and ``LSGSelfAttention`` (its learned global tokens are prepended
 on the group's rank 0 only) route their attention here; HAT's cross-segment encoder all-gathers the
@@ -44,7 +45,7 @@ from typing import Iterator, List
 from ._attention import context_parallel_attention
 from ._comm import Traffic, count_bytes
 
-__all__ = ["context_parallel_attention", "context_parallel", "is_active", "current_group", "group_rank", "attention",
+__all__ = ["context_parallel_attention", "context_parallel", "parallelize", "is_active", "current_group", "group_rank", "attention",
            "count_bytes", "Traffic"]
 
 _STACK: List[object] = []
@@ -60,6 +61,26 @@ def context_parallel(group=None) -> Iterator[None]:
         yield
     finally:
         _STACK.pop()
+
+
+def parallelize(module, group=None):
+    """Make every forward of ``module`` (an ``lhattn.nn`` module, or a model containing them) run
+    inside :func:`context_parallel` over ``group`` -- the module-level form of ``group=``: forward
+    hooks, so the module's own signature and ``state_dict`` are unchanged.  Returns ``module``;
+    ``handles = module._lhattn_context_parallel`` removes them (``for h in handles: h.remove()``)."""
+    contexts = []
+
+    def enter(_module, _args):
+        ctx = context_parallel(group)
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(_module, _args, _out):
+        contexts.pop().__exit__(None, None, None)
+
+    module._lhattn_context_parallel = (module.register_forward_pre_hook(enter),
+                                       module.register_forward_hook(leave, always_call=True))
+    return module
 
 
 def is_active() -> bool:
