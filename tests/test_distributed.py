@@ -57,6 +57,8 @@ def _cases(world):
         # segment 1 spans the first boundary, segment 2 spans the whole second shard (and more)
         "segments_ragged": dict(pattern=lhattn.Segments(), segments=[b0 - 3, b1 + 2], globals=[n - 2],
                                 heads=(4, 1), dropout=0.15),
+        # no dropout_seed: each rank draws one from its own generator (seeded differently here); rank 0's is used
+        "window_dropout_unseeded": dict(pattern=lhattn.SlidingWindow((2, 3)), dropout=0.3, unseeded=True),
         "lsg_norm_padding_dropout": dict(pattern=lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="norm",
                                                             num_global_tokens=2), padding=3, dropout=0.2),
         "lsg_pooling_causal_prepended_gqa": dict(pattern=lhattn.LSG(block_size=3, sparsity_factor=3, causal=True,
@@ -97,7 +99,7 @@ def _inputs(case, world, seed):
         ids = (torch.arange(n)[:, None] >= cuts[None, :]).sum(1)
         kw["segment_ids"] = torch.stack([ids, ids // 2 * 3])  # batch rows differ
     if case.get("dropout"):
-        kw["dropout_p"], kw["dropout_seed"] = case["dropout"], 1234 + seed
+        kw["dropout_p"], kw["dropout_seed"] = case["dropout"], None if case.get("unseeded") else 1234 + seed
     return (q, k, v), dout, kw
 
 
@@ -106,11 +108,13 @@ def _errors(case, world, rank, seed):
     (q, k, v), dout, kw = _inputs(case, world, seed)
     sizes = SHARDS[world]
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.manual_seed(seed)  # only used without a dropout_seed
     ref, ref_lse = lhattn.attention(*leaves, case["pattern"], backend="fallback", return_lse=True, **kw)
     ref.backward(dout)
     shard = [_split(x, sizes, rank, 2).clone().requires_grad_() for x in (q, k, v)]
     skw = {name: (_split(val, sizes, rank, 1) if torch.is_tensor(val) and name != "dropout_seed" else val)
            for name, val in kw.items()}
+    torch.manual_seed(seed if rank == 0 else seed + 1000 * rank)
     out, lse = context_parallel_attention(*shard, case["pattern"], return_lse=True, **skw)
     out.backward(_split(dout, sizes, rank, 2))
     errs = {"out": (out - _split(ref, sizes, rank, 2)).abs().max().item(),
