@@ -261,7 +261,7 @@ def _ddp_step(rank):
     return {"out": (ys - _split(y, NN_SHARDS, rank, 1)).abs().max().item(), "params": params}
 
 
-def _hat_encoder(rank, ragged):
+def _hat_encoder(rank, ragged, positions="rank"):
     """A HAT encoder ("SD|S|D": segment-wise and cross-segment layers, segment position embeddings;
     segments crossing the shard boundary, a global token, padding) under ``context_parallel``: output,
     input gradient and the parameter gradients summed over ranks vs the single-process encoder."""
@@ -271,11 +271,13 @@ def _hat_encoder(rank, ragged):
     torch.manual_seed(1)
     size = None if ragged else 4
     enc = lhattn.nn.HATEncoder(16, 2, "SD|S|D", 32, dropout=0.0, segment_size=size, max_segments=8,
-                               dtype=torch.float64)
+                               segment_positions=positions, dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, n, 16, generator=g, dtype=torch.float64, requires_grad=True)
     kw = dict(global_mask=torch.zeros(2, n, dtype=torch.bool), key_padding_mask=torch.zeros(2, n, dtype=torch.bool))
     kw["global_mask"][:, 13] = True
+    if positions == "absolute":  # HAT's numbering has no number for a global token
+        del kw["global_mask"]
     kw["key_padding_mask"][1, -2:] = True
     if ragged:  # segment [7, 14) crosses the boundary at 11; batch row 1 differs
         ids = torch.tensor([0] * 3 + [1] * 4 + [2] * 7 + [3] * 3)
@@ -345,6 +347,8 @@ def _worker(rank, world, port, path):
             result["ddp"] = _ddp_step(rank)
             result["hat"] = _hat_encoder(rank, ragged=False)
             result["hat_ragged"] = _hat_encoder(rank, ragged=True)
+            result["hat_absolute"] = _hat_encoder(rank, ragged=False, positions="absolute")
+            result["hat_ragged_absolute"] = _hat_encoder(rank, ragged=True, positions="absolute")
             result["lsg_layer"] = _lsg_layer(rank)
     except Exception:  # noqa: BLE001 -- reported to the test, which fails with the traceback
         result["error"] = traceback.format_exc()
@@ -419,7 +423,7 @@ def test_ddp_step_matches_single_process(tmp_path_factory):
         assert res["ddp"]["out"] <= 1e-9 and res["ddp"]["params"] <= 1e-9, (rank, res["ddp"])
 
 
-@pytest.mark.parametrize("case", ["hat", "hat_ragged"])
+@pytest.mark.parametrize("case", ["hat", "hat_ragged", "hat_absolute", "hat_ragged_absolute"])
 def test_hat_encoder_context_parallel(case, tmp_path_factory):
     for rank, res in enumerate(_results(2, tmp_path_factory)):
         assert max(res[case].values()) <= 1e-9, (rank, res[case])

@@ -42,6 +42,7 @@ class ShardedRepresentatives:
             is_rep = segment_ids != prev
         else:
             is_rep = (pos % segment_size == 0).expand(b, n)
+        self.first, self.pos, self.segment_size, self.rank = is_rep, pos, segment_size, lay.rank
         if global_mask is not None:
             is_rep = is_rep | global_mask
         if key_padding_mask is not None:
@@ -64,6 +65,19 @@ class ShardedRepresentatives:
         mine = first[lay.rank][:, None] + torch.arange(r, device=device)[None, :]  # [B, r]
         self.mine_slots = torch.where(self.index >= 0, mine, torch.full_like(mine, -1))
         self.valid = self.compact >= 0  # [B, R]
+
+    def segment_numbers(self):
+        """``(ordinal [B, N_r], count)``: each local token's 0-based segment number in the whole sequence
+        (padded segments counted, as :func:`lhattn.nn.hat.segment_ordinal`) and the most segments of a
+        batch row (the same on every rank)."""
+        if self.segment_size is not None:
+            ordinal = (self.pos // self.segment_size).expand_as(self.first)
+        else:
+            every = C.all_gather_cat(self.first.sum(dim=1)[None], self.group, 0)  # [W, B] segment starts
+            before = (every.cumsum(dim=0) - every)[self.rank]
+            ordinal = self.first.long().cumsum(dim=1) - 1 + before[:, None]
+        last = int(ordinal[:, -1].max()) + 1
+        return ordinal, C.reduce_max_int(last, self.group, ordinal.device)
 
     def gather(self, h: Tensor) -> Tensor:
         """``h [B, r, E]`` (this rank's slots) -> ``[B, R, E]``, every rank's, in sequence order."""

@@ -385,29 +385,32 @@ class HATEncoder(nn.Module):
                                      f"max_segments={self.segment_position.num_embeddings}")
                 emb = self.segment_position(torch.arange(r, device=x.device))
             elif self.segment_positions == "absolute":
-                if not isinstance(reps, tuple):
-                    raise NotImplementedError("segment_positions='absolute' does not run context-parallel yet "
-                                              "(segment numbers span the ranks); use 'rank' or 'none'")
-                emb = self._absolute_positions(reps[1], segment_ids, global_mask, x.shape[1])
+                emb = self._absolute_positions(reps, segment_ids, global_mask, x.shape[1])
         for layer in self.layers:
             x = layer._forward(x, reps, segment_ids, key_padding_mask, global_mask, emb)
         return x if self.norm is None else self.norm(x)
 
-    def _absolute_positions(self, index: Tensor, segment_ids: Optional[Tensor], global_mask: Optional[Tensor],
+    def _absolute_positions(self, reps, segment_ids: Optional[Tensor], global_mask: Optional[Tensor],
                             n: int) -> Tensor:
         """HAT's segment positions ``[B, R, E]``: row ``s + 1`` for the representative of segment ``s``."""
         if global_mask is not None:
             raise ValueError("segment_positions='absolute' numbers segments and global tokens have none: "
                              "pass global_mask=None or build the encoder with segment_positions='rank'")
         table = self.segment_position
-        ordinal = segment_ordinal(index.shape[0], n, segment_ids=segment_ids, segment_size=self.segment_size,
-                                  device=index.device)
-        count = int(ordinal[:, -1].max()) + 1 if n else 0
+        sharded = not isinstance(reps, tuple)  # lhattn.distributed: numbers over the whole sequence
+        index = reps.index if sharded else reps[1]
+        if sharded:
+            ordinal, count = reps.segment_numbers()
+        else:
+            ordinal = segment_ordinal(index.shape[0], n, segment_ids=segment_ids, segment_size=self.segment_size,
+                                      device=index.device)
+            count = int(ordinal[:, -1].max()) + 1 if n else 0
         if count > table.num_embeddings - 1:
             raise ValueError(f"a batch row has {count} segments (padded ones counted), more than "
                              f"max_segments={table.num_embeddings - 1}")
         rows = ordinal.gather(1, index.clamp(min=0)) + 1
-        return table(rows.masked_fill(index < 0, table.padding_idx))
+        emb = table(rows.masked_fill(index < 0, table.padding_idx))
+        return reps.gather(emb) if sharded else emb
 
 
 SEGMENT_POSITIONS = ("rank", "absolute", "none")
