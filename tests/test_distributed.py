@@ -8,6 +8,7 @@ test then checks: fp64 <= 1e-9, fp32 <= 1e-5.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -334,7 +335,8 @@ def _lsg_layer(rank):
 def _worker(rank, world, port, path):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank that fails mid-case leaves the others waiting in a collective: let them give up soon
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     result = {}
     try:
         for i, (name, case) in enumerate(_cases(world).items()):
