@@ -19,3 +19,7 @@ if _importlib_util.find_spec(f"{__name__}.lsg") is not None:  # the LSG layer, o
     from . import lsg  # noqa: E402
     from .lsg import *  # noqa: E402,F401,F403
     __all__ += list(getattr(lsg, "__all__", []))
+
+from .hourglass import Hourglass, HourglassLM, HourglassLMOutput  # noqa: E402
+
+__all__ += ["Hourglass", "HourglassLM", "HourglassLMOutput"]
