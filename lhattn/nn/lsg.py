@@ -36,21 +36,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as _functional
-from . import mha as _mha
 from ..patterns import LSG
+from . import mha as _mha
 
 __all__ = ["LSGSelfAttention"]
 
-# As in lhattn.nn.mha: the fallback's autograd.Function builds masks that dynamo cannot capture.
+# lhattn.attention, or context-parallel inside lhattn.distributed.context_parallel; as in lhattn.nn.mha,
+# compiled code runs it eagerly (the fallback's autograd.Function builds masks that dynamo cannot capture).
+_attention = _mha._attention
+
+
 def _holds_sequence_start() -> bool:
     """Where the learned global tokens are prepended: always, or inside
     :func:`lhattn.distributed.context_parallel` on the group's rank 0 only (its shard starts the sequence)."""
     from .. import distributed
 
     return not distributed.is_active() or distributed.group_rank() == 0
-
-
-_attention = _mha._attention  # lhattn.attention, or context-parallel inside lhattn.distributed.context_parallel
 
 
 def _check_positive_int(name: str, value: object) -> None:

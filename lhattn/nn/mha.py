@@ -78,9 +78,6 @@ def _keep_off_fused_path(module: nn.Module, args) -> None:
     return None
 
 
-# torch.compile runs the attention itself eagerly (one graph break per call): the fallback's
-# autograd.Function builds its block masks inside the function, which dynamo cannot capture.
-# Drop this wrapper once lhattn.attention is traceable (e.g. registered with torch.library).
 def _attention_or_context_parallel(q, k, v, pattern, **kwargs):
     """:func:`lhattn.attention`, or its context-parallel twin inside
     :func:`lhattn.distributed.context_parallel` (each rank then holds a shard of the sequence)."""
@@ -91,6 +88,9 @@ def _attention_or_context_parallel(q, k, v, pattern, **kwargs):
     return _functional.attention(q, k, v, pattern, **kwargs)
 
 
+# torch.compile runs the attention itself eagerly (one graph break per call): the fallback's
+# autograd.Function builds its block masks inside the function, which dynamo cannot capture.
+# Drop this wrapper once lhattn.attention is traceable (e.g. registered with torch.library).
 _attention = torch.compiler.disable(_attention_or_context_parallel)
 
 
