@@ -381,7 +381,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         kw = dict(scale=1.0 / math.sqrt(self.head_dim), backend=self.backend)
         n = q.shape[2]
         pad_rows = kpm is not None and self.padded_rows == "torch" and (_every_rank_pads() or bool(kpm.any()))
-        if pad_rows and isinstance(pattern, LSG) and _lsg_has_compressed_keys(pattern, n):
+        # context parallel: the shard length says nothing of the sequence's, so any compressed keys count
+        if pad_rows and isinstance(pattern, LSG) and (_lsg_has_compressed_keys(pattern, n)
+                                                      or (_every_rank_pads() and pattern.has_sparse_keys)):
             raise ValueError(
                 f"padded_rows='torch' is not defined for {pattern} at length {n}: its compressed keys are "
                 "built without the padding tokens, so a padding query has no PyTorch-like output; "
