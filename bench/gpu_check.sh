@@ -11,6 +11,8 @@
 #   encoder                build, run python -m bench.encoder_layer (issue 6: TransformerEncoderLayer, stock vs lhattn)
 #   hf                     build, run python -m bench.hf_models (issue 12: HF models, lhattn vs sdpa vs eager; hf.log +
 #                          hf_models.json/.md)
+#   context-parallel       build, torchrun -m bench.context_parallel over every visible GPU (NCCL; issue 13) into
+#                          cp.log -- weak scaling needs >= 2 GPUs, one GPU only gives the 1-rank baseline
 #   all                    build, tests, bench (needs more than one 9-minute device call: prefer the parts)
 #
 # Everything lands flat in OUTDIR, at most 8 files:
@@ -163,6 +165,17 @@ demo() {
   say "demo rc=$?"
 }
 
+context_parallel() {
+  local t=$(( $(left) - 10 ))
+  local ngpu
+  ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  say "context-parallel on ${ngpu} GPU(s) (time limit ${t}s)"
+  (( ngpu < 2 )) && echo "only ${ngpu} GPU visible: no multi-rank NCCL run possible, 1-rank baseline only" > "$OUT/cp.log"
+  timeout "$t" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$(( ngpu > 0 ? ngpu : 1 ))" \
+    -m bench.context_parallel --per-rank 65536 --reps 5 >> "$OUT/cp.log" 2>&1
+  say "context-parallel rc=$?"
+}
+
 env_report
 case "$PART" in
   tests) build; tests ;;
@@ -171,13 +184,14 @@ case "$PART" in
   demo) build; demo ;;
   encoder) build; encoder ;;
   hf) build; hf ;;
+  context-parallel) build; context_parallel ;;
   all) build; tests; bench all ;;
-  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | hf | all)"; exit 2 ;;
+  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | hf | context-parallel | all)"; exit 2 ;;
 esac
 say "done; files in $OUT:"
 ls -la "$OUT"
 # the last lines of each log, for the caller's output tail
-for f in build.log tests.log bench.log demo.log; do
+for f in build.log tests.log bench.log demo.log cp.log; do
   [[ -f "$OUT/$f" ]] && { echo "=== $f (tail)"; tail -n 25 "$OUT/$f"; }
 done
 [[ -f "$OUT/bench.md" ]] && { echo "=== bench.md (head)"; head -n 60 "$OUT/bench.md"; }
