@@ -195,6 +195,7 @@ class LSG:
             left, right = _reference_windows(self)
         return left, ((0, 0) if self.causal else right)
 
+    @property
     def has_sparse_keys(self) -> bool:
         """False for ``sparsity_type="none"`` or ``sparse_block_size=0``."""
         return self.sparsity_type != "none" and self.sparse_block_size > 0

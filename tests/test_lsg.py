@@ -98,8 +98,9 @@ def _compare_rows(name: str, got: torch.Tensor, want: torch.Tensor, keep: torch.
 
 # ---- (1a) lsg_converter.attention_layers.LSGSelfAttention: inline layout, g = 1, sb = b ----------
 
-# (block_size, sparsity_factor, n): b / f even and f >= 4, where that module's window is regular;
-# n <= 2b (full attention), n = 2b, n not a multiple of b, several blocks.
+# (block_size, sparsity_factor, n): b / f even and f >= 4, where that module's window is regular
+# (every other factor: tests/test_lsg_exact.py); n <= 2b (full attention), n = 2b, n not a multiple
+# of b, several blocks.
 AL_SHAPES = [(8, 4, 13), (8, 4, 16), (8, 4, 29), (8, 4, 46), (16, 8, 57), (16, 4, 83)]
 AL_TYPES = ["none", "norm", "pooling", "stride", "block_stride", "bos_pooling"]  # all it has
 
@@ -281,7 +282,8 @@ def test_reference_gradcheck():
 
 def test_lsh_seed_is_reproducible():
     q, k, v = (torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    outs = [fallback_lsg(q, k, v, LSG(block_size=8, sparsity_type="lsh", seed=s))[0] for s in (1, 1, 2)]
+    outs = [fallback_lsg(q, k, v, LSG(block_size=8, sparsity_type="lsh", seed=s, global_layout="prepended"))[0]
+            for s in (1, 1, 2)]
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2])
 
