@@ -169,12 +169,16 @@ class LSG:
                 f"sparse_block_size must divide block_size ({b}) and be a multiple of sparsity_factor "
                 f"({f}): keys are selected per chunk of sparse_block_size tokens; got sparse_block_size={sb}")
         if self.sparse_geometry == "reference" and _reference_windows(self) is None:
+            if self.global_layout == "inline" and f == 1:
+                why = "it cannot run sparsity_factor=1 with sparse keys"
+            else:
+                why = (f"block_size / sparsity_factor = {b // f} is odd"
+                       f"{' and sparsity_factor is even' if self.global_layout == 'inline' else ' and > 1'}: its "
+                       f"windows of compressed keys do not line up with the local blocks")
             raise ValueError(
                 f"sparse_geometry='reference' follows {_REFERENCES[self.global_layout]}, which fails for "
-                f"block_size={b}, sparsity_factor={f} (block_size / sparsity_factor = {b // f} is odd"
-                f"{' and sparsity_factor is even' if self.global_layout == 'inline' else ' and > 1'}: its "
-                f"blocks of compressed keys do not line up with the local blocks); pass "
-                f"sparse_geometry='regular' for the regular windows")
+                f"block_size={b}, sparsity_factor={f} ({why}); pass sparse_geometry='regular' for the regular "
+                f"windows")
 
     def sparse_windows(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """``((left_lo, left_hi), (right_lo, right_hi))``: a non-global query of block ``t`` sees the
@@ -225,12 +229,15 @@ def _reference_windows(p: LSG) -> Optional[Tuple[Tuple[int, int], Tuple[int, int
     sparse_block_size: with ``sb != b`` we keep its runs' anchors -- the left run's end, the right
     run's start -- and make them ``sb`` long).  The model files (prepended): ``L = 6·sb``,
     ``P = (L - s) // 2 + odd``, ``w = sb``, and the last window dropped when ``s`` is odd.  The
-    reference fails unless it makes exactly one window per block.
+    reference fails unless it makes exactly one window per block, and ``attention_layers`` fails
+    for ``f = 1`` (its selection then returns one value too many).
     """
     b, sb, f = p.block_size, p.sparse_block_size, p.sparsity_factor
     s = b // f
     odd = s % 2
     if p.global_layout == "inline":
+        if f == 1:
+            return None
         length, w = 3 * b, b
         pad = (length - s) // 2
         extra = 0
