@@ -511,7 +511,8 @@ def _sparse_dkdv_heads(
     ``p_q, p_do, p_lse, p_delta`` point at head 0 of the batch row.  Row ``i`` of LSG block
     ``t = (i - o) // b`` sees ``p`` once per window of it that holds ``p``: ``[ts + left_lo,
     ts + left_hi)`` and (non-causal) ``[ts + right_lo, ts + right_hi)``; a row tile may straddle
-    blocks, so the windows are applied per element, as a multiplicity (0, 1 or 2) of ``P``.  Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
+    blocks, so the windows are applied per element, as a multiplicity (0, 1 or 2) of ``P``.
+    Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
     over heads and row blocks, transposed ``[BN, BM]`` tiles; the caller applies the scale and
     zeroes the keys the forward never saw).  ``DROPOUT``: as there; the keys' columns are
     ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``."""
