@@ -225,7 +225,8 @@ def test_triton_custom_op_opcheck():
     valid[0, 0, 3] = False
     key_valid = torch.ones(1, 19, dtype=torch.bool, device=DEVICE)
     key_valid[0, -2:] = False
-    args = (q, k, v, kc, vc, valid, key_valid, 8, 8, 2, 1, 0, False, 0.25)  # b, sb, f, g, o, causal, scale
+    # b, sb, f, sparse windows (regular: (-s - sb, -s), (2s, 2s + sb)), g, o, causal, scale
+    args = (q, k, v, kc, vc, valid, key_valid, 8, 8, 2, [-12, -4, 8, 16], 1, 0, False, 0.25)
     torch.library.opcheck(torch.ops.lhattn.lsg_attn_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

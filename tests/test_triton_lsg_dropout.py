@@ -224,7 +224,8 @@ def test_custom_ops_opcheck_with_dropout():
     """Schema, fake kernels and autograd registration with ``dropout_p > 0`` and a state."""
     state = _dropout.make_state(0.3, 11, DEVICE)
     q, k, v, kc, vc, valid, key_valid = _op_inputs(True)
-    scalars = (8, 8, 2, 1, 0, False, 0.25, 0.3)  # b, sb, f, g, o, causal, scale, dropout_p
+    # b, sb, f, sparse windows (regular), g, o, causal, scale, dropout_p
+    scalars = (8, 8, 2, [-12, -4, 8, 16], 1, 0, False, 0.25, 0.3)
     torch.library.opcheck(torch.ops.lhattn.lsg_attn_fwd.default,
                           (q, k, v, kc, vc, valid, key_valid) + scalars + (state,),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
