@@ -29,7 +29,7 @@ from test_lsg import _attention_layers, _empty_groups, _lsg_bert, _mask_empty_gr
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-8
-LSH_TOL = 2e-5  # lsh compares in fp32 (see _prepended_compare)
+LSH_TOL = 2e-5  # fp32 comparisons: lsh (see _prepended_compare) and test_fp32_matches_lsg_converter
 MIN64 = torch.finfo(torch.float64).min
 
 # (n, block_size, sparse_block_size, sparsity_factor): issue 15's cases
@@ -68,7 +68,7 @@ def _check(name, got, want, keep, tol=TOL):
 # ---- inline vs attention_layers -------------------------------------------------------------------
 
 
-def _inline_pair(case, sparsity_type, causal, gen, d, h):
+def _inline_pair(case, sparsity_type, causal, gen, d, h, dtype=torch.float64):
     """fp64 inputs with grad, lhattn's pattern and the reference module; sb = b for the module."""
     n, b, sb, f = case
     pattern = LSG(block_size=b, sparse_block_size=b, sparsity_factor=f, sparsity_type=sparsity_type,
@@ -80,25 +80,25 @@ def _inline_pair(case, sparsity_type, causal, gen, d, h):
     kpm[1, n - PAD:] = True
     if sparsity_type in ("pooling", "bos_pooling") and _empty_groups(kpm, n, b, f, 0):
         module.get_sparse_inputs = _mask_empty_groups(module.get_sparse_inputs, f, mask_arg=2)
-    q, k, v = (torch.randn(2, h, n, d, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(2, h, n, d, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
     return pattern, module, kpm, (q, k, v)
 
 
-def _inline_compare(backends, case, sparsity_type, causal, d=D_CPU, h=H, seed=0):
+def _inline_compare(backends, case, sparsity_type, causal, d=D_CPU, h=H, seed=0, dtype=torch.float64, tol=TOL):
     gen = torch.Generator().manual_seed(seed)
-    pattern, module, kpm, (q, k, v) = _inline_pair(case, sparsity_type, causal, gen, d, h)
-    keep = (~kpm)[:, None, :, None].to(torch.float64)  # LSG computes something for padding rows
-    w = torch.randn(q.shape, dtype=torch.float64, generator=gen) * keep
-    want = module(q, k, v, torch.zeros(2, 1, 1, q.shape[2], dtype=torch.float64).masked_fill(kpm[:, None, None],
-                                                                                                MIN64))
+    pattern, module, kpm, (q, k, v) = _inline_pair(case, sparsity_type, causal, gen, d, h, dtype)
+    keep = (~kpm)[:, None, :, None].to(dtype)  # LSG computes something for padding rows
+    w = torch.randn(q.shape, dtype=dtype, generator=gen) * keep
+    additive = torch.zeros(2, 1, 1, q.shape[2], dtype=dtype).masked_fill(kpm[:, None, None], torch.finfo(dtype).min)
+    want = module(q, k, v, additive)
     want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
     for backend in backends:
         got = _run(backend, q, k, v, pattern, kpm)
         got_grads = torch.autograd.grad((got * w).sum(), (q, k, v))
         tag = f"{backend} inline {_id(case)} {sparsity_type} causal={causal}"
-        _check(tag + " out", got, want.detach(), keep)
+        _check(tag + " out", got, want.detach(), keep, tol)
         for name, g1, g2 in zip(("dq", "dk", "dv"), got_grads, want_grads):
-            _check(f"{tag} {name}", g1, g2, 1.0)
+            _check(f"{tag} {name}", g1, g2, 1.0, tol)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -117,13 +117,13 @@ def test_inline_matches_attention_layers(case, causal):
 # ---- prepended vs the model files ----------------------------------------------------------------
 
 
-def _prepended_compare(backends, case, sparsity_type, causal, d=D_CPU, h=H, g=2, seed=0):
+def _prepended_compare(backends, case, sparsity_type, causal, d=D_CPU, h=H, g=2, seed=0, fp32=False):
     """Through the module's own q/k/v projections: the encoder pads the sequence to ``g + multiple
     of b`` and masks the padding; lhattn gets the unpadded rows.  Causal: LSG outputs the query on
     global rows, so those rows are left out (and the gradients compared through the others).
     ``lsh`` runs in fp32 (LSG's lsh multiplies by a float32 ``torch.randn``: it fails in fp64)."""
     n, b, sb, f = case
-    dtype, tol = (torch.float32, LSH_TOL) if sparsity_type == "lsh" else (torch.float64, TOL)
+    dtype, tol = (torch.float32, LSH_TOL) if fp32 or sparsity_type == "lsh" else (torch.float64, TOL)
     bert = _lsg_bert()
     gen = torch.Generator().manual_seed(seed)
     t = -(-(n - g) // b) * b
@@ -168,6 +168,20 @@ def test_prepended_matches_model_file(case, causal):
         if sparsity_type in ("norm", "lsh") and case[2] < case[1] and (case[1] % case[2] or case[2] % case[3]):
             continue  # lhattn rejects these (LSG's chunking needs sb | b and f | sb): test_lsg's bad-input test
         _prepended_compare(_cpu_backends(case), case, sparsity_type, causal)
+
+
+# ---- fp32: the same, to fp32 rounding ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=_id)
+def test_fp32_matches_lsg_converter(case):
+    """Fallback, non-causal, every type: outputs and gradients to 2e-5 in fp32 (where a pooling
+    group is only padding, LSG's overflow is wrapped as everywhere in these tests)."""
+    for sparsity_type in AL_TYPES:
+        if not (sparsity_type == "norm" and (case[1] // case[3]) % 2):
+            _inline_compare(["fallback"], case, sparsity_type, False, dtype=torch.float32, tol=LSH_TOL)
+    for sparsity_type in SPARSITY_TYPES:
+        _prepended_compare(["fallback"], case, sparsity_type, False, fp32=True)
 
 
 # ---- Triton under the interpreter: a representative subset ------------------------------------------
