@@ -89,16 +89,15 @@ class LSG:
     (``"prepended"``), the tokens ``[o, N)`` are cut into blocks of
     ``block_size`` (the last one padded and masked).  A non-global query of
     block ``t`` sees the keys of blocks ``t-1, t, t+1`` (``t-1`` and ``t`` up to
-    itself when causal), ``sparse_block_size`` *compressed* keys on each side
-    beyond them (left side only when causal), and the global keys.  The
+    itself when causal), up to ``sparse_block_size`` *compressed* keys in each of
+    two windows, typically on each side beyond them (left side only when causal;
+    where exactly: ``sparse_geometry``), and the global keys.  The
     compressed sequence (``sparsity_factor`` times shorter) is built by
     ``sparsity_type`` (see :mod:`lhattn.selection`).  The first
     ``num_global_tokens`` tokens are global: they see every key (every earlier
     one when causal), every query sees them, and they are masked out of the
     local and compressed keys.  Sequences with ``N - o <= 2 * block_size`` use
-    full attention (LSG's rule).  Which compressed keys a block sees is
-    ``sparse_geometry`` (:meth:`sparse_windows`).  Exact semantics:
-    :mod:`lhattn.reference.lsg`.
+    full attention (LSG's rule).  Exact semantics: :mod:`lhattn.reference.lsg`.
 
     block_size: local block length ``b >= 1``.
     sparse_block_size: compressed keys per side ``sb >= 0`` (None = ``b``;
