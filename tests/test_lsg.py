@@ -184,8 +184,8 @@ def test_reference_matches_lsg_model_attention(sparsity_type, causal):
 # ---- (2) fallback against the oracle --------------------------------------------------------------
 
 FALLBACK_CASES = [
-    (Case(b=2, h=4, h_kv=4, n=37, d=16, padding=True, seed=1),
-     dict(block_size=4, sparsity_factor=2, num_global_tokens=1)),
+    (Case(b=2, h=4, h_kv=4, n=37, d=16, padding=True, seed=1),  # (attention_layers' own f = 2: no sparse keys)
+     dict(block_size=4, sparsity_factor=2, num_global_tokens=1, sparse_geometry="regular")),
     (Case(b=2, h=4, h_kv=2, n=45, d=16, padding=True, strided=True, seed=2),  # GQA, non-contiguous
      dict(block_size=8, sparse_block_size=4, sparsity_factor=4, num_global_tokens=2, global_layout="prepended")),
     (Case(b=1, h=2, h_kv=1, n=31, d=16, strided=True, seed=3),  # MQA, sb > b, 3 inline globals
