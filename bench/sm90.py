@@ -446,6 +446,13 @@ def sass_loops(instrs: List[Tuple[int, str, Optional[int]]]) -> List[dict]:
     return loops
 
 
+def _lsg_plan(c: dict) -> Tuple[str, ...]:
+    """Local band, one compressed-key loop per side, the global keys (no loop when ``g == 1``: the
+    launch specialises ``n_global == 1`` to a constant and the loop is one tile)."""
+    sides = (1 if c.get("CAUSAL") else 2) if c.get("HAS_SPARSE") else 0
+    return _BAND3 + ("sparse",) * sides + (("global",) if c.get("n_global") != 1 else ())
+
+
 # which inner loops a kernel has, in program order (before the family's extra loops)
 _BAND3 = ("masked", "unmasked", "masked")
 LOOP_PLAN: Dict[str, Callable[[dict], Tuple[str, ...]]] = {
@@ -456,10 +463,9 @@ LOOP_PLAN: Dict[str, Callable[[dict], Tuple[str, ...]]] = {
     "_seg_fwd_kernel": lambda c: _BAND3 + (("list",) if c.get("HAS_GLOBAL") else ()),
     "_seg_bwd_dq_kernel": lambda c: _BAND3 + (("list",) if c.get("HAS_GLOBAL") else ()),
     "_seg_bwd_dkdv_kernel": lambda c: _BAND3,
-    "_lsg_fwd_kernel": lambda c: _BAND3 + (("sparse",) * ((1 if c.get("CAUSAL") else 2) if c.get("HAS_SPARSE") else 0))
-    + ("global",),
-    "_lsg_bwd_dq_kernel": lambda c: _BAND3 + (("sparse",) * ((1 if c.get("CAUSAL") else 2) if c.get("HAS_SPARSE") else 0))
-    + ("global",),
+    "_lsg_fwd_kernel": lambda c: _lsg_plan(c),
+    "_lsg_bwd_dq_kernel": lambda c: _lsg_plan(c),
+    "_lsg_bwd_dkdv_local_kernel": lambda c: _BAND3,
     "_ref_attn_fwd_kernel": lambda c: ("unmasked", "masked") if c.get("CAUSAL") else ("unmasked",),
 }
 
@@ -564,26 +570,33 @@ QUICK = [  # (family, dtype, head dim, variant, kernels to keep (None: all), con
     ("segment", torch.bfloat16, 64, "base", ("seg_bwd_dkdv",), ("64x64/4w",)),
     ("lsg", torch.bfloat16, 64, "base", ("lsg_fwd", "lsg_bwd_dkdv_local"), ("128x64/4w", "64x64/4w/2s")),
 ]
-"""The quick subset (CI, and a fast look): the headline configs of each family."""
+"""The quick subset (a fast look): the headline configs of each family."""
+
+CI = [
+    ("sliding_window", torch.bfloat16, 64, "base", ("sw_fwd",), ("64x64/4w/3s",)),
+    ("sliding_window", torch.bfloat16, 128, "base", ("sw_bwd_dkdv",), ("32x64/4w/3s",)),
+    ("segment", torch.bfloat16, 64, "base", ("seg_bwd_dkdv",), ("64x64/4w/2s",)),
+]
+"""The CI subset (tests/test_sm90_static.py): one forward, one D = 128 backward, another family."""
 
 
 def matrix(mode: str, families: Iterable[str]):
     """``[(family, dtype, d, variant, kernel filter, config filter)]`` for a mode.
 
-    full: every kernel and every kept config for bf16 and fp16 at D = 64 and 128 (base variant);
-    every flag variant at bf16, D = 64 and 128; D = 16, 32, 256 at bf16 (base)."""
-    if mode == "quick":
-        return [m for m in QUICK if m[0] in families]
-    out = []
-    for fam in families:
-        variants = FAMILIES[fam][1]
-        for d in (64, 128):
-            for dtype in (torch.bfloat16, torch.float16):
-                out.append((fam, dtype, d, "base", None, None))
-            for v in variants[1:]:
-                out.append((fam, torch.bfloat16, d, v, None, None))
-        for d in (16, 32, 256):
-            out.append((fam, torch.bfloat16, d, "base", None, None))
+    full: every kernel and every kept config at bf16, D = 64 and 128 (base variant); the first kept
+    config (the autotuner's first candidate) of every kernel for fp16 (and of the kernels a family
+    borrows from another one or from ``_core``) (D = 64, 128), for every flag
+    variant (bf16, D = 64) and for D = 16, 32, 256 (bf16).  The whole cartesian product (every kept
+    config x dtype x head dim x flags) is ~2000 compiles: hours on a 2-core machine, so it is not a
+    mode; a config filter of an int ``k`` keeps the first ``k`` kept configs of each launch."""
+    if mode in ("quick", "ci"):
+        return [m for m in (QUICK if mode == "quick" else CI) if m[0] in families]
+    out = []  # the most telling records first: a run cut short still has them
+    for d in (64, 128):
+        out += [(fam, torch.bfloat16, d, "base", None, None) for fam in families]
+    out += [(fam, torch.float16, d, "base", None, 1) for d in (64, 128) for fam in families]
+    out += [(fam, torch.bfloat16, 64, v, None, 1) for fam in families for v in FAMILIES[fam][1][1:]]
+    out += [(fam, torch.bfloat16, d, "base", None, 1) for d in (16, 32, 256) for fam in families]
     return out
 
 
@@ -591,10 +604,19 @@ def _config_name(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s"
 
 
-def run(mode: str, families: List[str], log=print, reference: bool = True) -> List[dict]:
+def run(mode: str, families: List[str], log=print, reference: bool = True,
+        on_record: Optional[Callable[[List[dict], int], None]] = None) -> List[dict]:
+    """Record, compile and analyse the variants of ``mode``; ``on_record(records, n_jobs)`` after each."""
     records: List[dict] = []
     seen = set()
     jobs: List[Tuple[Launch, Optional[triton.Config], torch.dtype, int]] = []
+    if reference:
+        small = mode != "full"
+        for d in ((64,) if small else (64, 128)):
+            for causal in ((False,) if small else (False, True)):
+                cfgs = REFERENCE_CONFIGS[:1] if small else REFERENCE_CONFIGS
+                for launch in _reference_launches(torch.bfloat16, d, cfgs, causal):
+                    jobs.append((launch, launch.configs[0], torch.bfloat16, d))
     for fam, dtype, d, variant, kernels, cfgs in matrix(mode, families):
         try:
             launches = record(fam, dtype, d, variant)
@@ -605,26 +627,27 @@ def run(mode: str, families: List[str], log=print, reference: bool = True) -> Li
         for launch in launches:
             if kernels is not None and _short(launch.fn.__name__) not in kernels:
                 continue
-            for config in (launch.configs if launch.configs is not None else [None]):
-                if cfgs is not None and (config is None or not any(_config_name(config).startswith(c)
-                                                                    for c in cfgs)):
+            configs = launch.configs if launch.configs is not None else [None]
+            if isinstance(cfgs, int):
+                configs = configs[:cfgs]
+            elif mode == "full" and launch.fn.__module__ != f"kernels.{fam}":
+                configs = configs[:1]  # another family's kernel (LSG's dense path): its own run has the rest
+            for config in configs:
+                if isinstance(cfgs, tuple) and (config is None or not any(_config_name(config).startswith(c)
+                                                                          for c in cfgs)):
                     continue
                 key = _dedup_key(launch, config)
                 if key in seen:
                     continue
                 seen.add(key)
                 jobs.append((launch, config, dtype, d))
-    if reference:
-        for d in ((64,) if mode == "quick" else (64, 128)):
-            for causal in ((False,) if mode == "quick" else (False, True)):
-                cfgs = REFERENCE_CONFIGS[:1] if mode == "quick" else REFERENCE_CONFIGS
-                for launch in _reference_launches(torch.bfloat16, d, cfgs, causal):
-                    jobs.append((launch, launch.configs[0], torch.bfloat16, d))
     t0 = time.perf_counter()
     for i, (launch, config, dtype, d) in enumerate(jobs):
         rec = analyse(launch, config, dtype, d)
         records.append(rec)
         log(f"[{i + 1}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {_line(rec)}")
+        if on_record is not None:
+            on_record(records, len(jobs))
     return records
 
 
@@ -656,7 +679,9 @@ def markdown(records: List[dict], meta: dict) -> str:
              f"Compiled for `GPUTarget('cuda', 90, 32)` without a GPU: triton {meta['triton']}, "
              f"ptxas `{meta['ptxas']}`, nvdisasm {'yes' if meta['nvdisasm'] else 'MISSING'}; "
              f"shape B={SHAPE['batch']}, H={SHAPE['heads']}, n={SHAPE['n']}, window {WINDOW}; "
-             f"{len(ok)} variants compiled, {len(records) - len(ok)} errors, {meta['seconds']:.0f} s.", "",
+             f"{len(ok)} variants compiled, {len(records) - len(ok)} errors, {meta['seconds']:.0f} s"
+             + (f" (PARTIAL: {meta['done']} of {meta['jobs']} planned variants)" if meta["done"] < meta["jobs"] else "")
+             + ".", "",
              "Columns: regs/thread; spill = ptxas spill stores + loads (bytes); smem = Triton's dynamic + static "
              "shared memory (bytes); warps/SM on an H100 (64K regs, 228 KB smem per SM) and what limits it; "
              "masked/unmasked = SASS instructions of one inner-loop iteration (one key/query tile) of the band "
@@ -716,7 +741,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="the headline configs only (default)")
-    g.add_argument("--full", action="store_true", help="every kept config, dtype, head dim and flag variant")
+    g.add_argument("--full", action="store_true", help="every kept config (bf16, D 64/128) and a config of every "
+                   "dtype, head dim and flag variant (see matrix())")
+    g.add_argument("--ci", action="store_true", help="three variants (the CI test's set)")
     p.add_argument("--family", default="sliding_window,segment,lsg")
     p.add_argument("--out", default=None, help="directory for sm90.json and sm90.md (default: print only)")
     p.add_argument("--no-reference", action="store_true")
@@ -725,23 +752,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("ptxas not found (triton/backends/nvidia/bin or PATH): cannot compile for sm_90", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    mode = "full" if args.full else "quick"
+    mode = "full" if args.full else ("ci" if args.ci else "quick")
     families = [f for f in args.family.split(",") if f]
     for f in families:
         if f not in FAMILIES:
             p.error(f"--family: unknown family {f!r}; allowed: {', '.join(FAMILIES)}")
     t0 = time.perf_counter()
-    records = run(mode, families, log=lambda s: print(s, flush=True), reference=not args.no_reference)
-    meta = dict(mode=mode, families=families, seconds=time.perf_counter() - t0,
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **environment())
-    md = markdown(records, meta)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "sm90.json"), "w") as f:
-            json.dump(dict(meta=meta, records=records), f, indent=1)
-        with open(os.path.join(args.out, "sm90.md"), "w") as f:
-            f.write(md)
-    else:
+    env = environment()
+
+    def write(records: List[dict], n_jobs: int) -> str:
+        meta = dict(mode=mode, families=families, seconds=time.perf_counter() - t0, jobs=n_jobs,
+                    done=len(records), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **env)
+        md = markdown(records, meta)
+        if args.out:  # rewritten after every variant: a run cut short keeps what it did
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "sm90.json"), "w") as f:
+                json.dump(dict(meta=meta, records=records), f, indent=1)
+            with open(os.path.join(args.out, "sm90.md"), "w") as f:
+                f.write(md)
+        return md
+
+    records = run(mode, families, log=lambda s: print(s, flush=True), reference=not args.no_reference,
+                  on_record=write if args.out else None)
+    md = write(records, len(records))
+    if not args.out:
         print(md)
     return 0
 
