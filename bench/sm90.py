@@ -610,6 +610,7 @@ def run(mode: str, families: List[str], log=print, reference: bool = True,
     records: List[dict] = []
     seen = set()
     jobs: List[Tuple[Launch, Optional[triton.Config], torch.dtype, int]] = []
+    ranks: List[int] = []  # a job's config rank among its launch's kept configs (run order)
     if reference:
         small = mode != "full"
         for d in ((64,) if small else (64, 128)):
@@ -617,6 +618,7 @@ def run(mode: str, families: List[str], log=print, reference: bool = True,
                 cfgs = REFERENCE_CONFIGS[:1] if small else REFERENCE_CONFIGS
                 for launch in _reference_launches(torch.bfloat16, d, cfgs, causal):
                     jobs.append((launch, launch.configs[0], torch.bfloat16, d))
+                    ranks.append(-1)
     for fam, dtype, d, variant, kernels, cfgs in matrix(mode, families):
         try:
             launches = record(fam, dtype, d, variant)
@@ -632,7 +634,7 @@ def run(mode: str, families: List[str], log=print, reference: bool = True,
                 configs = configs[:cfgs]
             elif mode == "full" and launch.fn.__module__ != f"kernels.{fam}":
                 configs = configs[:1]  # another family's kernel (LSG's dense path): its own run has the rest
-            for config in configs:
+            for rank, config in enumerate(configs):
                 if isinstance(cfgs, tuple) and (config is None or not any(_config_name(config).startswith(c)
                                                                           for c in cfgs)):
                     continue
@@ -641,6 +643,10 @@ def run(mode: str, families: List[str], log=print, reference: bool = True,
                     continue
                 seen.add(key)
                 jobs.append((launch, config, dtype, d))
+                ranks.append(rank)
+    # breadth first: every kernel's first kept config before anyone's second, so that a run cut
+    # short (a loaded machine) still covers every kernel; the reference rows lead
+    jobs = [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (ranks[i], i))]
     t0 = time.perf_counter()
     for i, (launch, config, dtype, d) in enumerate(jobs):
         rec = analyse(launch, config, dtype, d)
