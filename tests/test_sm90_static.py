@@ -43,3 +43,41 @@ def test_representative_kernels_compile_for_sm90_without_spills(tmp_path):
         assert r["mma"] == "wgmma", f"{where}: {r['mma']}"
         assert r["warps_per_sm"] >= r["num_warps"], where
         assert r["unmasked_instr_per_tile"] > 0 and r["masked_instr_per_tile"] >= r["unmasked_instr_per_tile"], where
+
+
+# ---- LHATTN_AUTOTUNE_CONFIGS: the short tuning set of bash bench/gpu_check.sh OUT quick ----------
+
+
+def test_autotune_knob_keeps_the_first_kept_configs(monkeypatch):
+    import triton
+    import triton.language as tl
+
+    from kernels._core import limit_autotuners
+
+    @triton.jit
+    def _k(X, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
+
+    configs = [triton.Config({"BLOCK": b}) for b in (64, 32, 16, 8)]
+    tuner = triton.autotune(configs=configs, key=[], prune_configs_by={
+        "early_config_prune": lambda cfgs, nargs, **kw: [c for c in cfgs if c.kwargs["BLOCK"] != 32]})(_k)
+    module = type("M", (), {})()
+    module.__dict__["tuner"] = tuner
+    limit_autotuners(module)
+    limit_autotuners(module)  # idempotent: wrapped once
+    tuner.nargs = {}
+
+    def kept():
+        return [c.kwargs["BLOCK"] for c in tuner.prune_configs({})]
+    monkeypatch.delenv("LHATTN_AUTOTUNE_CONFIGS", raising=False)
+    assert kept() == [64, 16, 8]  # the family's own pruner, untouched
+    monkeypatch.setenv("LHATTN_AUTOTUNE_CONFIGS", "2")
+    assert kept() == [64, 16]
+    monkeypatch.setenv("LHATTN_AUTOTUNE_CONFIGS", "0")
+    assert kept() == [64, 16, 8]
+    monkeypatch.setenv("LHATTN_AUTOTUNE_CONFIGS", "few")
+    with pytest.raises(ValueError, match="LHATTN_AUTOTUNE_CONFIGS.*'few'"):
+        kept()
+    monkeypatch.setenv("LHATTN_AUTOTUNE_CONFIGS", "-1")
+    with pytest.raises(ValueError, match="LHATTN_AUTOTUNE_CONFIGS.*'-1'"):
+        kept()
