@@ -220,11 +220,17 @@ def _row_interval(o_i, before, after, c_begin, c_end):
 
 
 @triton.jit
+def _in_interval(o_j, lo, span):
+    """``[R, C]`` bool: column ``o_j [C]`` is inside each row's interval (:func:`_row_interval`)."""
+    return (o_j[None, :] - lo).to(tl.uint32, bitcast=True) <= span
+
+
+@triton.jit
 def _masked_scores(b_qk, o_j, lo, span, qk_scale, qk_scale_lo, EXACT_SCALE: tl.constexpr):
     """Scaled scores of a masked tile: ``-inf`` outside each row's interval (:func:`_row_interval`).
     The select comes before the scale, so the scale still fuses into the exponent's FMA; with the
     float64 split scale (``x*hi + x*lo``, ``lo`` possibly 0: ``-inf * 0``) it comes after."""
-    m_s = (o_j[None, :] - lo).to(tl.uint32, bitcast=True) <= span
+    m_s = _in_interval(o_j, lo, span)
     if EXACT_SCALE:
         return tl.where(m_s, _scale(b_qk, qk_scale, qk_scale_lo, EXACT_SCALE), float("-inf"))
     else:
@@ -290,13 +296,22 @@ def dropout_keep(b_rk, o_col, thresh):
 
 @triton.jit
 def online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2: tl.constexpr, b_keep=None,
-                          DROPOUT: tl.constexpr = False):
+                          DROPOUT: tl.constexpr = False, qk_scale=None):
     """One online-softmax step: fold scores ``b_s [BM, BN]`` (exp units, masked = -inf)
     and values ``b_v [BN, D]`` into ``acc [BM, D]``, ``m_i [BM]``, ``l_i [BM]``.
-    ``DROPOUT``: only the entries where ``b_keep`` is True reach ``acc`` (``l_i`` counts all)."""
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+    ``DROPOUT``: only the entries where ``b_keep`` is True reach ``acc`` (``l_i`` counts all).
+    ``qk_scale`` (a scale > 0, or None): ``b_s`` are the unscaled scores and the scale is applied
+    here, to the row max after the reduction and inside the exponent's FMA (tutorial 06's order:
+    one multiply per row instead of one per score)."""
+    if qk_scale is None:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)  # [BM]
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing stays finite
-    b_p = _exp(b_s - m_use[:, None], USE_EXP2)  # [BM, BN]
+    if qk_scale is None:
+        b_p = _exp(b_s - m_use[:, None], USE_EXP2)  # [BM, BN]
+    else:
+        b_p = _exp(b_s * qk_scale - m_use[:, None], USE_EXP2)  # [BM, BN]
     alpha = _exp(m_i - m_use, USE_EXP2)  # [BM]
     l_i = l_i * alpha + tl.sum(b_p, 1)
     if DROPOUT:
@@ -323,7 +338,7 @@ def attn_fwd_range(
     visible) masks keys on every block.  ``DROPOUT``: row keys ``b_rk [BM]``, key column
     ``col_offset + position``.  Returns the updated ``(acc, m_i, l_i)``."""
     if MASKED:
-        r_lo, r_hi = _row_interval(o_i, before, after, k_begin, k_end)
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)  # [BN]
         o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
@@ -334,11 +349,12 @@ def attn_fwd_range(
         else:
             b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D]
             b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])  # [BN, D]
+        # [BM, BN] scores: unscaled (the update scales them) unless the float64 split scale is on
+        b_s = _mm(b_q, tl.trans(b_k), None)
         if MASKED:
-            b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_j, r_lo, r_hi, qk_scale, qk_scale_lo,
-                                 EXACT_SCALE)  # [BM, BN]
-        else:
-            b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
+            b_s = tl.where(_in_interval(o_j, r_lo, r_span), b_s, float("-inf"))
+        if EXACT_SCALE:
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
         if HAS_KEY_MASK:
             if MASKED:
                 m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
@@ -348,7 +364,10 @@ def attn_fwd_range(
         b_keep = None
         if DROPOUT:
             b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        if EXACT_SCALE:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        else:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
     return acc, m_i, l_i
 
 
@@ -370,12 +389,16 @@ def attn_fwd_list(
         o_pos = tl.where(m_g, b_idx, 0).to(tl.int64)
         b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_g[:, None], other=0.0)
         b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_g[:, None], other=0.0)
-        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
-        b_s = tl.where(m_g[None, :], b_s, float("-inf"))  # [BM, BN]
+        b_s = tl.where(m_g[None, :], _mm(b_q, tl.trans(b_k), None), float("-inf"))  # [BM, BN], unscaled
+        if EXACT_SCALE:
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
         b_keep = None
         if DROPOUT:
             b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        if EXACT_SCALE:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        else:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
     return acc, m_i, l_i
 
 
@@ -435,7 +458,7 @@ def attn_bwd_dq_range(
     :func:`attn_fwd_range`); ``dS = P ∘ (dP − delta)``, the softmax scale is applied by
     the caller once at the end.  ``DROPOUT``: ``dP`` becomes ``keep ∘ dP / (1 - p)``."""
     if MASKED:
-        r_lo, r_hi = _row_interval(o_i, before, after, k_begin, k_end)
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
@@ -447,7 +470,7 @@ def attn_bwd_dq_range(
             b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])
             b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
         if MASKED:
-            b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_j, r_lo, r_hi, qk_scale, qk_scale_lo,
+            b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_j, r_lo, r_span, qk_scale, qk_scale_lo,
                                  EXACT_SCALE)  # [BM, BN]
         else:
             b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
@@ -524,7 +547,7 @@ def attn_bwd_dkdv_heads(
     ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows)."""
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
     if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
-        c_lo, c_hi = _row_interval(o_j, after, before, r_begin, r_end)
+        c_lo, c_span = _row_interval(o_j, after, before, r_begin, r_end)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
         i0 = i_lo + (it // n_heads) * BLOCK_M
@@ -543,7 +566,7 @@ def attn_bwd_dkdv_heads(
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, MASKED, USE_EXP2)
         if MASKED:
-            b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_i, c_lo, c_hi, qk_scale, qk_scale_lo,
+            b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_i, c_lo, c_span, qk_scale, qk_scale_lo,
                                   EXACT_SCALE)  # [BN, BM]
         else:
             b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
