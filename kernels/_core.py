@@ -351,10 +351,10 @@ def attn_fwd_range(
             b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])  # [BN, D]
         # [BM, BN] scores: unscaled (the update scales them) unless the float64 split scale is on
         b_s = _mm(b_q, tl.trans(b_k), None)
+        if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
         if MASKED:
             b_s = tl.where(_in_interval(o_j, r_lo, r_span), b_s, float("-inf"))
-        if EXACT_SCALE:
-            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
         if HAS_KEY_MASK:
             if MASKED:
                 m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
@@ -389,9 +389,10 @@ def attn_fwd_list(
         o_pos = tl.where(m_g, b_idx, 0).to(tl.int64)
         b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_g[:, None], other=0.0)
         b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_g[:, None], other=0.0)
-        b_s = tl.where(m_g[None, :], _mm(b_q, tl.trans(b_k), None), float("-inf"))  # [BM, BN], unscaled
+        b_s = _mm(b_q, tl.trans(b_k), None)  # [BM, BN], unscaled unless the float64 split scale is on
         if EXACT_SCALE:
             b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_s = tl.where(m_g[None, :], b_s, float("-inf"))
         b_keep = None
         if DROPOUT:
             b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
