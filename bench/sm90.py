@@ -466,6 +466,7 @@ LOOP_PLAN: Dict[str, Callable[[dict], Tuple[str, ...]]] = {
     "_lsg_fwd_kernel": lambda c: _lsg_plan(c),
     "_lsg_bwd_dq_kernel": lambda c: _lsg_plan(c),
     "_lsg_bwd_dkdv_local_kernel": lambda c: _BAND3,
+    "_lsg_bwd_dkdv_sparse_kernel": lambda c: ("masked",) * (1 if c.get("CAUSAL") else 2),
     "_ref_attn_fwd_kernel": lambda c: ("unmasked", "masked") if c.get("CAUSAL") else ("unmasked",),
 }
 
@@ -564,11 +565,12 @@ def _dedup_key(launch: Launch, config) -> str:
 # the run matrix
 # --------------------------------------------------------------------------------------
 
-QUICK = [  # (family, dtype, head dim, variant, kernels to keep (None: all), configs to keep (None: all))
-    ("sliding_window", torch.bfloat16, 64, "base", None, ("128x64/4w", "64x64/4w/3s", "128x64/8w/2s")),
-    ("sliding_window", torch.bfloat16, 128, "base", None, ("128x32/4w", "64x64/4w/3s", "64x32/8w")),
-    ("segment", torch.bfloat16, 64, "base", ("seg_bwd_dkdv",), ("64x64/4w",)),
-    ("lsg", torch.bfloat16, 64, "base", ("lsg_fwd", "lsg_bwd_dkdv_local"), ("128x64/4w", "64x64/4w/2s")),
+QUICK = [  # (family, dtype, head dim, variant, kernels to keep (None: all), configs: an int k = the first k kept,
+    #  a tuple = the kept configs whose names start with one of these)
+    ("sliding_window", torch.bfloat16, 64, "base", ("sw_fwd", "sw_bwd_dq", "sw_bwd_dkdv"), 2),
+    ("sliding_window", torch.bfloat16, 128, "base", ("sw_fwd", "sw_bwd_dq", "sw_bwd_dkdv"), 2),
+    ("segment", torch.bfloat16, 64, "base", ("seg_fwd", "seg_bwd_dq", "seg_bwd_dkdv"), 1),
+    ("lsg", torch.bfloat16, 64, "base", ("lsg_fwd", "lsg_bwd_dq", "lsg_bwd_dkdv_local", "lsg_bwd_dkdv_sparse"), 1),
 ]
 """The quick subset (a fast look): the headline configs of each family."""
 
@@ -676,6 +678,41 @@ def _ratio(a, b):
     return f"{a / b:.2f}" if a and b else ""
 
 
+def _same_config_ref(r: dict, refs: List[dict]) -> Optional[int]:
+    """The reference row's unmasked tile at ``r``'s tile shape, warps and head dim (None: no such row)."""
+    for ref in refs:
+        if (ref["head_dim"], ref.get("block_m"), ref.get("block_n"), ref.get("num_warps")) == \
+                (r["head_dim"], r.get("block_m"), r.get("block_n"), r.get("num_warps")):
+            return ref.get("unmasked_instr_per_tile")
+    return None
+
+
+def targets(records: List[dict]) -> List[str]:
+    """The issue's static targets, checked on the records (forward/dq kernels of the families)."""
+    ok = [r for r in records if "error" not in r and r["family"] != "reference" and r.get("block_m")]
+    refs = [r for r in records if "error" not in r and r["family"] == "reference" and r["variant"] == "base"]
+    spill = [r for r in ok if r.get("spill_bytes")]
+    mu = [r for r in ok if r.get("masked_instr_per_tile") and r.get("unmasked_instr_per_tile")]
+    mu_bad = [r for r in mu if r["masked_instr_per_tile"] > 1.3 * r["unmasked_instr_per_tile"]]
+    fwd = [r for r in mu if r["kernel"].endswith("_fwd") and _same_config_ref(r, refs)]
+    fwd_bad = [r for r in fwd if r["unmasked_instr_per_tile"] > 1.1 * _same_config_ref(r, refs)]
+    d128 = sorted({f"{r['kernel']} {r['config']}" for r in ok if r["head_dim"] == 128 and r.get("block_m") == 128
+                   and r["mma"] == "wgmma" and not r.get("spill_bytes") and r["kernel"].endswith(("_fwd", "_dq"))})
+
+    def names(rs):
+        return ", ".join(sorted({f"{r['kernel']} {r['config']} D={r['head_dim']}" for r in rs})[:12])
+    return [
+        f"- 0 spill bytes: {len(ok) - len(spill)} of {len(ok)} variants" + (f" (spilling: {names(spill)})" if spill
+                                                                           else ""),
+        f"- masked tile <= 1.3x unmasked: {len(mu) - len(mu_bad)} of {len(mu)}" + (
+            f" (worst {max(r['masked_instr_per_tile'] / r['unmasked_instr_per_tile'] for r in mu):.2f})" if mu
+            else ""),
+        f"- forward unmasked tile <= 1.1x the reference row at the same tile/warps/D: {len(fwd) - len(fwd_bad)} of "
+        f"{len(fwd)}" + (f" (over: {names(fwd_bad)})" if fwd_bad else ""),
+        f"- D=128 forward/dq on 128-row wgmma tiles without spills: {', '.join(d128) or 'none'}",
+    ]
+
+
 def markdown(records: List[dict], meta: dict) -> str:
     ok = [r for r in records if "error" not in r]
     ref = [r for r in ok if r["family"] == "reference" and r["variant"] == "base"]
@@ -691,9 +728,11 @@ def markdown(records: List[dict], meta: dict) -> str:
              "Columns: regs/thread; spill = ptxas spill stores + loads (bytes); smem = Triton's dynamic + static "
              "shared memory (bytes); warps/SM on an H100 (64K regs, 228 KB smem per SM) and what limits it; "
              "masked/unmasked = SASS instructions of one inner-loop iteration (one key/query tile) of the band "
-             "walk (max of the two masked edges); m/u = their ratio; u/ref = unmasked against the reference "
-             f"row's unmasked tile (128x64/4w, D=64: {yard_u} here; Triton's tutorial measured 522).", ""]
+             "walk (max of the two masked edges), counted per warp (compare equal warps); m/u = their ratio; "
+             "u/ref = unmasked against the reference row's unmasked tile at the same tile, warps and D (the "
+             f"yardstick 128x64/4w, D=64: {yard_u} here; Triton's tutorial measured 522).", ""]
     spilling = [r for r in ok if r.get("spill_bytes")]
+    lines += ["## Targets (issue 11)", "", *targets(records), ""]
     lines += ["## Summary", "",
               f"- variants with spills: {len(spilling)} of {len(ok)}"
               + (": " + ", ".join(sorted({f"{r['kernel']} {r['config']} D={r['head_dim']} {r['dtype']} "
@@ -727,7 +766,7 @@ def markdown(records: List[dict], meta: dict) -> str:
             f"| {r.get('warps_per_sm')} ({r.get('occupancy_limit', '')}) | {r['mma']} | {loads} "
             f"| {r.get('masked_instr_per_tile', '')} | {r.get('unmasked_instr_per_tile', '')} "
             f"| {_ratio(r.get('masked_instr_per_tile'), r.get('unmasked_instr_per_tile'))} "
-            f"| {_ratio(r.get('unmasked_instr_per_tile'), yard_u)} | {mix} |")
+            f"| {_ratio(r.get('unmasked_instr_per_tile'), _same_config_ref(r, ref))} | {mix} |")
     for r in errs:
         lines.append(f"| {r['family']} | {r['variant']} | {r['kernel']} | {r.get('config', '')} | {r['dtype']} "
                      f"| {r['head_dim']} | ERROR: {r['error'][:150]} |||||||||||")
