@@ -164,15 +164,19 @@ def summary(rows: List[dict], enc: List[dict], meta: dict) -> str:
              "| measure | value | target | note |", "|---|---|---|---|"]
     for name, (val, why), tgt in items:
         lines.append(f"| {name} | {'' if val is None else f'{val:.2f}'} | {tgt} | {why} |")
-    lines += ["", "| case | provider | mode | ms | useful TFLOP/s | status |", "|---|---|---|---|---|---|"]
+    lines += ["", "Case names give the full-size n; the n column is what ran.", "",
+              "| case | n | provider | mode | ms | useful TFLOP/s | wall s | status |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r.get("median_ms")
         tf = r.get("useful_tflops")
-        lines.append(f"| {r.get('case')} | {r.get('provider')} | {r.get('mode')} | {'' if ms is None else f'{ms:.3f}'} "
-                     f"| {'' if tf is None else f'{tf:.1f}'} | {r.get('status')} {str(r.get('reason') or '')[:100]} |")
+        lines.append(f"| {r.get('case')} | {r.get('n', '')} | {r.get('provider')} | {r.get('mode')} "
+                     f"| {'' if ms is None else f'{ms:.3f}'} | {'' if tf is None else f'{tf:.1f}'} | {r.get('wall_s', '')} "
+                     f"| {r.get('status')} {str(r.get('reason') or '')[:100]} |")
     for r in enc:
-        lines.append(f"| encoder layer n={r.get('n')} | {r.get('setup')} | fwd+bwd | {r.get('median_ms') or ''} | "
-                     f"| {r.get('status', 'ok')} |")
+        ms = r.get("median_ms")
+        lines.append(f"| encoder layer | {r.get('n')} | {r.get('setup')} | fwd+bwd | {'' if ms is None else f'{ms:.1f}'} "
+                     f"| | {r.get('wall_s', '')} | {r.get('status', 'ok')} |")
     return "\n".join(lines) + "\n"
 
 
