@@ -602,6 +602,26 @@ def matrix(mode: str, families: Iterable[str]):
     return out
 
 
+def annotate_kept(records: List[dict]) -> None:
+    """Set ``kept`` on every record: whether today's pruners still keep its config (a report made
+    before a pruner change stays readable: its pruned variants are listed apart)."""
+    groups: Dict[tuple, set] = {}
+    for r in records:
+        if "error" in r or r["family"] not in FAMILIES or not r.get("block_m"):
+            continue
+        g = (r["family"], r["dtype"], r["head_dim"], r["variant"])
+        if g not in groups:
+            kept = set()
+            try:
+                for launch in record(g[0], getattr(torch, g[1]), g[2], g[3]):
+                    for c in launch.configs or []:
+                        kept.add((_short(launch.fn.__name__), _config_name(c)))
+            except Exception:  # noqa: BLE001 - a launcher that no longer runs keeps nothing
+                pass
+            groups[g] = kept
+        r["kept"] = (r["kernel"], r["config"]) in groups[g]
+
+
 def _config_name(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s"
 
@@ -689,7 +709,8 @@ def _same_config_ref(r: dict, refs: List[dict]) -> Optional[int]:
 
 def targets(records: List[dict]) -> List[str]:
     """The issue's static targets, checked on the records (forward/dq kernels of the families)."""
-    ok = [r for r in records if "error" not in r and r["family"] != "reference" and r.get("block_m")]
+    ok = [r for r in records if "error" not in r and r["family"] != "reference" and r.get("block_m")
+          and r.get("kept", True)]
     refs = [r for r in records if "error" not in r and r["family"] == "reference" and r["variant"] == "base"]
     spill = [r for r in ok if r.get("spill_bytes")]
     mu = [r for r in ok if r.get("masked_instr_per_tile") and r.get("unmasked_instr_per_tile")]
@@ -701,9 +722,16 @@ def targets(records: List[dict]) -> List[str]:
 
     def names(rs):
         return ", ".join(sorted({f"{r['kernel']} {r['config']} D={r['head_dim']}" for r in rs})[:12])
+    per_family = []
+    for fam in FAMILIES:
+        prefix = {"sliding_window": "sw_", "segment": "seg_", "lsg": "lsg_"}[fam]
+        rs = [r for r in ok if r["kernel"].startswith(prefix)]
+        bad = [r for r in rs if r.get("spill_bytes")]
+        per_family.append(f"  - {fam} kernels: {len(rs) - len(bad)} of {len(rs)}"
+                          + (f" (spilling: {names(bad)})" if bad else ""))
     return [
-        f"- 0 spill bytes: {len(ok) - len(spill)} of {len(ok)} variants" + (f" (spilling: {names(spill)})" if spill
-                                                                           else ""),
+        f"- 0 spill bytes: {len(ok) - len(spill)} of {len(ok)} variants; by the family that owns the kernel:",
+        *per_family,
         f"- masked tile <= 1.3x unmasked: {len(mu) - len(mu_bad)} of {len(mu)}" + (
             f" (worst {max(r['masked_instr_per_tile'] / r['unmasked_instr_per_tile'] for r in mu):.2f})" if mu
             else ""),
@@ -732,7 +760,10 @@ def markdown(records: List[dict], meta: dict) -> str:
              "u/ref = unmasked against the reference row's unmasked tile at the same tile, warps and D (the "
              f"yardstick 128x64/4w, D=64: {yard_u} here; Triton's tutorial measured 522).", ""]
     spilling = [r for r in ok if r.get("spill_bytes")]
-    lines += ["## Targets (issue 11)", "", *targets(records), ""]
+    pruned = [r for r in ok if not r.get("kept", True)]
+    lines += ["## Targets (issue 11)", "", "Over the variants today's pruners keep"
+              + (f" ({len(pruned)} compiled variants are no longer kept and are left out here; they are "
+                 f"marked `pruned` in the table)" if pruned else "") + ":", "", *targets(records), ""]
     lines += ["## Summary", "",
               f"- variants with spills: {len(spilling)} of {len(ok)}"
               + (": " + ", ".join(sorted({f"{r['kernel']} {r['config']} D={r['head_dim']} {r['dtype']} "
@@ -761,7 +792,8 @@ def markdown(records: List[dict], meta: dict) -> str:
         mix = " ".join(f"{k}{v}" for k, v in um["mix"].items()) if um else ""
         loads = " ".join(f"{k}:{v}" for k, v in r.get("loads", {}).items())
         lines.append(
-            f"| {r['family']} | {r['variant']} | {r['kernel']} | {r['config']} | {r['dtype']} | {r['head_dim']} "
+            f"| {r['family']} | {r['variant']} | {r['kernel']} | {r['config']}"
+            f"{' (pruned)' if not r.get('kept', True) else ''} | {r['dtype']} | {r['head_dim']} "
             f"| {r.get('flags', '')} | {r['regs']} | {r.get('spill_bytes')} | {r['smem_bytes']} "
             f"| {r.get('warps_per_sm')} ({r.get('occupancy_limit', '')}) | {r['mma']} | {loads} "
             f"| {r.get('masked_instr_per_tile', '')} | {r.get('unmasked_instr_per_tile', '')} "
@@ -792,7 +824,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--family", default="sliding_window,segment,lsg")
     p.add_argument("--out", default=None, help="directory for sm90.json and sm90.md (default: print only)")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--annotate", metavar="JSON", help="mark the records of a report by whether today's pruners "
+                   "keep them, rewrite its JSON and markdown (no compiling)")
     args = p.parse_args(argv)
+    if args.annotate:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(args.annotate) as f:
+            data = json.load(f)
+        annotate_kept(data["records"])
+        with open(args.annotate, "w") as f:
+            json.dump(data, f, indent=1)
+        with open(os.path.join(os.path.dirname(args.annotate), "sm90.md"), "w") as f:
+            f.write(markdown(data["records"], data["meta"]))
+        return 0
     if _tool("ptxas") is None:
         print("ptxas not found (triton/backends/nvidia/bin or PATH): cannot compile for sm_90", file=sys.stderr)
         return 2

@@ -85,9 +85,9 @@ def _dkdv_configs():
 
 _REG_BUDGET = {"fwd": 128, "dq": 128, "dkdv": 160}
 """Largest :func:`_tile_cost` register estimate a kept config may have, per kernel kind.  Calibrated on
-sm_90 with ``python -m bench.sm90`` (bf16/fp16, D = 16..256): configs at or under it compiled without
-register spills, the measured spilling ones are over it (e.g. fwd 128x32/4w at D = 128: 160; dq
-128x64/4w at D = 64: 192)."""
+sm_90 with ``python -m bench.sm90`` (bf16/fp16): the measured spilling configs are over it (e.g. fwd
+128x32/4w at D = 128: 160; dq 128x64/4w at D = 64: 192) or use 8 warps on a 64-row tile (see
+:func:`_pruner`)."""
 _SMEM_BUDGET = 200 * 1024  # bytes; an H100 SM has 227 KB per block, Triton adds its own scratch
 
 
@@ -111,8 +111,9 @@ def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, ele
 
 def _pruner(kind: str):
     """The autotuner's early pruner for one kernel kind: keep the configs whose :func:`_tile_cost`
-    fits the register and shared-memory budgets for this head dim and dtype (the smallest tile if
-    none does), in their best-first order."""
+    fits the register and shared-memory budgets for this head dim and dtype, and whose 8 warps (two
+    warpgroups) get a 128-row accumulator tile -- on a 64-row tile they split the head dim and spilled
+    at D >= 128 (sm_90, ``bench.sm90``) -- in their best-first order; the smallest tile if none fits."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
@@ -120,8 +121,10 @@ def _pruner(kind: str):
         elem = q.element_size() if q is not None else 2
 
         def fits(c):
-            regs, smem = _tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d, elem)
-            return regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            regs, smem = _tile_cost(kind, bm, bn, c.num_warps, c.num_stages, d, elem)
+            rows = bn if kind == "dkdv" else bm  # the accumulator's rows
+            return regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows >= 128)
         kept = [c for c in configs if fits(c)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
