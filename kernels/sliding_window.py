@@ -113,7 +113,9 @@ def _pruner(kind: str):
     """The autotuner's early pruner for one kernel kind: keep the configs whose :func:`_tile_cost`
     fits the register and shared-memory budgets for this head dim and dtype, and whose 8 warps (two
     warpgroups) get a 128-row accumulator tile -- on a 64-row tile they split the head dim and spilled
-    at D >= 128 (sm_90, ``bench.sm90``) -- in their best-first order; the smallest tile if none fits."""
+    at D >= 128 (sm_90, ``bench.sm90``) -- in their best-first order; the smallest tile if none fits.
+    At D >= 128, tiles of fewer than 64 accumulator rows (mma.sync, not wgmma; 32x32/4w spilled there)
+    are kept only when no larger tile fits."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
@@ -123,9 +125,12 @@ def _pruner(kind: str):
         def fits(c):
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             regs, smem = _tile_cost(kind, bm, bn, c.num_warps, c.num_stages, d, elem)
-            rows = bn if kind == "dkdv" else bm  # the accumulator's rows
-            return regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows >= 128)
+            return regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
+        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
+            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
         kept = [c for c in configs if fits(c)]
+        if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
+            kept = [c for c in kept if rows(c) >= 64]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
 
