@@ -9,7 +9,18 @@
 #   bench-sliding_window   the same, one pattern only (also bench-lsg, bench-segment): more of that pattern fits
 #   demo                   build, run python -m bench.demo
 #   encoder                build, run python -m bench.encoder_layer (issue 6: TransformerEncoderLayer, stock vs lhattn)
+#   hf                     build, run python -m bench.hf_models (issue 12: HF models, lhattn vs sdpa vs eager; hf.log +
+#                          hf_models.json/.md)
+#   context-parallel       build, torchrun -m bench.context_parallel over every visible GPU (NCCL; issue 13) into
+#                          cp.log -- weak scaling needs >= 2 GPUs, one GPU only gives the 1-rank baseline
 #   all                    build, tests, bench (needs more than one 9-minute device call: prefer the parts)
+#   quick                  the issue-11 GPU proof in one call (<= 8 minutes from a bare machine, build
+#                          included): build; GPU-native correctness of every family against the oracle
+#                          (fwd+bwd; fp16, bf16, fp32; globals, padding, GQA, dropout), fp64 gradcheck,
+#                          opcheck of the CUDA ops (pytest subset, QUICK_TESTS_K); then the headline
+#                          ratios (python -m bench.headline). The autotuners try only the first
+#                          LHATTN_AUTOTUNE_CONFIGS (default 1 here) of their kept configs.
+#                          Files: env.txt build.log tests.log headline.log headline.json summary.md
 #
 # Everything lands flat in OUTDIR, at most 8 files:
 #   env.txt  build.log  tests.log  bench.log  bench.json  bench.md  bench_time.png  bench_memory.png
@@ -21,6 +32,11 @@
 # stops starting new cases BENCH_RESERVE_S (default 90) before the deadline, is killed 20 s before it, and
 # its markdown and PNGs are regenerated from the JSON (rewritten after every case) either way.
 #
+# quick's time plan (DEADLINE_S defaults to 470 for it): the build takes what it takes (at most until
+# QUICK_BUILD_END_S=180), the tests run until QUICK_TESTS_END_S (default 290), the headline ratios get
+# the rest minus 15 s (each stage is killed at its limit and says so in its log; summary.md is
+# always written by bench.headline, which stops starting cases at its own limit).
+#
 # Environment: PYTHON (default python3), DEADLINE_S, BENCH_RESERVE_S, PYTEST_ARGS (default "-x -q -rs"),
 # BENCH_ARGS (extra arguments for python -m bench), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built).
 
@@ -29,7 +45,7 @@ set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [tests|bench|bench-PATTERN|demo|all]}
 PART=${2:-all}
 PY=${PYTHON:-python3}
-DEADLINE_S=${DEADLINE_S:-510}
+if [[ "$PART" == quick ]]; then DEADLINE_S=${DEADLINE_S:-470}; else DEADLINE_S=${DEADLINE_S:-510}; fi
 BENCH_RESERVE_S=${BENCH_RESERVE_S:-90}
 START=$(date +%s)
 
@@ -56,6 +72,13 @@ encoder() {
       > "$OUT/encoder_dropout.log" 2>&1
     say "encoder dropout rc=$?"
   fi
+}
+
+hf() {
+  local t=$(( $(left) - 10 ))
+  say "hf models (time limit ${t}s)"
+  timeout "$t" "$PY" -m bench.hf_models --device cuda --out "$OUT" > "$OUT/hf.log" 2>&1
+  say "hf rc=$?"
 }
 
 env_report() {
@@ -147,11 +170,53 @@ bench() {
   say "bench rc=$rc"
 }
 
+quick_tests() {
+  local t=$(( ${QUICK_TESTS_END_S:-290} - ($(date +%s) - START) ))
+  local k=${QUICK_TESTS_K:-"oracle_fp32 or oracle_half or oracle_other or gradcheck or opcheck or dropout or gqa or padding or global"}
+  say "quick tests (-k '$k', time limit ${t}s, LHATTN_AUTOTUNE_CONFIGS=$LHATTN_AUTOTUNE_CONFIGS)"
+  (( t < 30 )) && { echo "no time left for the tests" > "$OUT/tests.log"; return; }
+  timeout "$t" "$PY" -m pytest tests/test_triton_sliding_window.py tests/test_triton_segment.py \
+    tests/test_triton_lsg.py tests/test_triton_dropout.py tests/test_triton_lsg_dropout.py tests/test_ops.py \
+    tests/test_lsg_ops.py -q -rs -p no:cacheprovider --durations=10 -k "$k" > "$OUT/tests.log" 2>&1
+  local rc=$?
+  (( rc == 124 )) && echo "gpu_check: pytest killed after ${t}s (time limit)" >> "$OUT/tests.log"
+  say "quick tests rc=$rc: $(tail -n 1 "$OUT/tests.log")"
+}
+
+headline() {
+  local t=$(( $(left) - 15 ))
+  say "headline ratios (time limit ${t}s)"
+  (( t < 30 )) && { echo "no time left for the headline ratios" > "$OUT/headline.log"; return; }
+  timeout "$t" "$PY" -m bench.headline --out "$OUT" --time-limit-s $(( t - 60 )) > "$OUT/headline.log" 2>&1
+  local rc=$?
+  (( rc == 124 )) && echo "gpu_check: headline killed after ${t}s (time limit)" >> "$OUT/headline.log"
+  say "headline rc=$rc"
+}
+
+quick() {
+  export LHATTN_AUTOTUNE_CONFIGS=${LHATTN_AUTOTUNE_CONFIGS:-1}
+  local saved=$DEADLINE_S
+  DEADLINE_S=${QUICK_BUILD_END_S:-180}; build; DEADLINE_S=$saved
+  quick_tests
+  headline
+}
+
 demo() {
   local t=$(( $(left) - 10 ))
   say "demo (time limit ${t}s)"
   timeout "$t" "$PY" -m bench.demo > "$OUT/demo.log" 2>&1
   say "demo rc=$?"
+}
+
+context_parallel() {
+  local t=$(( $(left) - 10 ))
+  local ngpu
+  ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  say "context-parallel on ${ngpu} GPU(s) (time limit ${t}s)"
+  (( ngpu < 2 )) && echo "only ${ngpu} GPU visible: no multi-rank NCCL run possible, 1-rank baseline only" > "$OUT/cp.log"
+  timeout "$t" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$(( ngpu > 0 ? ngpu : 1 ))" \
+    -m bench.context_parallel --per-rank 65536 --reps 5 >> "$OUT/cp.log" 2>&1
+  say "context-parallel rc=$?"
 }
 
 env_report
@@ -161,14 +226,18 @@ case "$PART" in
   bench-sliding_window|bench-lsg|bench-segment) build; bench "${PART#bench-}" ;;
   demo) build; demo ;;
   encoder) build; encoder ;;
+  hf) build; hf ;;
+  context-parallel) build; context_parallel ;;
   all) build; tests; bench all ;;
-  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | all)"; exit 2 ;;
+  quick) quick ;;
+  *) echo "unknown part '$PART' (tests | bench | bench-sliding_window | bench-lsg | bench-segment | demo | encoder | hf | context-parallel | quick | all)"; exit 2 ;;
 esac
 say "done; files in $OUT:"
 ls -la "$OUT"
 # the last lines of each log, for the caller's output tail
-for f in build.log tests.log bench.log demo.log; do
+for f in build.log tests.log bench.log demo.log cp.log hf.log headline.log; do
   [[ -f "$OUT/$f" ]] && { echo "=== $f (tail)"; tail -n 25 "$OUT/$f"; }
 done
 [[ -f "$OUT/bench.md" ]] && { echo "=== bench.md (head)"; head -n 60 "$OUT/bench.md"; }
+[[ -f "$OUT/summary.md" ]] && { echo "=== summary.md"; cat "$OUT/summary.md"; }
 exit 0

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "HEAD_DIMS", "INTERPRET", "LOG2E", "LN2", "acc_dtype", "split_scale", "next_power_of_2",
+    "HEAD_DIMS", "INTERPRET", "LOG2E", "LN2", "acc_dtype", "split_scale", "next_power_of_2", "limit_tuning",
+    "limit_autotuners",
     "cast_to", "block_range", "online_softmax_update", "attn_fwd_range", "attn_fwd_list", "attn_fwd_finalize",
     "attn_bwd_load_rows", "attn_bwd_dq_range", "attn_bwd_dq_list", "attn_bwd_dkdv_heads", "attn_bwd_dkdv_range",
     "bwd_preprocess", "merge_partials", "sum_partial_rows",
@@ -90,6 +91,42 @@ def split_scale(scale: float, dtype: torch.dtype) -> tuple[float, float, bool, b
 
 def next_power_of_2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+AUTOTUNE_ENV = "LHATTN_AUTOTUNE_CONFIGS"
+
+
+def limit_tuning(kept: list) -> list:
+    """The first ``$LHATTN_AUTOTUNE_CONFIGS`` of a pruner's kept configs (unset or 0: all of them).
+
+    A short tuning set for time-boxed GPU runs (``bash bench/gpu_check.sh OUT quick``): each
+    candidate costs a compile and a benchmark at every new autotune key.  The pruners order their
+    candidates best-first, so ``1`` runs the first one untuned."""
+    raw = os.environ.get(AUTOTUNE_ENV, "").strip()
+    if not raw:
+        return kept
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ValueError(f"{AUTOTUNE_ENV} must be an integer >= 0 (0 = every config), got {raw!r}") from None
+    if limit < 0:
+        raise ValueError(f"{AUTOTUNE_ENV} must be an integer >= 0 (0 = every config), got {raw!r}")
+    return kept[:limit] if limit else kept
+
+
+def limit_autotuners(module) -> None:
+    """Make every autotuned kernel of ``module`` apply :func:`limit_tuning` after its own pruner
+    (called once per family module by :mod:`kernels`; a no-op under the interpreter)."""
+    from triton.runtime.autotuner import Autotuner
+
+    for obj in vars(module).values():
+        if isinstance(obj, Autotuner) and not getattr(obj, "_lhattn_limited", False):
+            prune = obj.early_config_prune
+
+            def limited(configs, named_args, _prune=prune, **kwargs):
+                return limit_tuning(_prune(configs, named_args, **kwargs) if _prune else list(configs))
+            obj.early_config_prune = limited
+            obj._lhattn_limited = True
 
 
 # --------------------------------------------------------------------------------------
@@ -169,9 +206,35 @@ def _exp(x, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _band(o_i, o_j, before, after):
-    """``[R, C]`` bool: row index ``o_i [R]`` sees column index ``o_j [C]``."""
-    return (o_j[None, :] >= o_i[:, None] - before) & (o_j[None, :] <= o_i[:, None] + after)
+def _row_interval(o_i, before, after, c_begin, c_end):
+    """``(lo [R, 1] int32, span [R, 1] uint32)``: row ``o_i [R]`` sees the columns ``j`` with
+    ``0 <= j - lo <= span`` -- its band ``[i - before, i + after]`` (``before``/``after`` scalars or
+    ``[R, 1]``) clipped to ``[c_begin, c_end)``, ``c_begin >= 0``; an empty interval is
+    ``lo = -1, span = 0`` (column indices are >= 0).  Loop-invariant: a masked tile then costs one
+    subtract, one unsigned 32-bit compare and one select per element."""
+    lo = tl.maximum(o_i[:, None] - before, c_begin)
+    hi = tl.minimum(o_i[:, None] + after, c_end - 1)
+    empty = hi < lo
+    span = tl.where(empty, 0, hi - lo).to(tl.uint32, bitcast=True)
+    return tl.where(empty, -1, lo), span
+
+
+@triton.jit
+def _in_interval(o_j, lo, span):
+    """``[R, C]`` bool: column ``o_j [C]`` is inside each row's interval (:func:`_row_interval`)."""
+    return (o_j[None, :] - lo).to(tl.uint32, bitcast=True) <= span
+
+
+@triton.jit
+def _masked_scores(b_qk, o_j, lo, span, qk_scale, qk_scale_lo, EXACT_SCALE: tl.constexpr):
+    """Scaled scores of a masked tile: ``-inf`` outside each row's interval (:func:`_row_interval`).
+    The select comes before the scale, so the scale still fuses into the exponent's FMA; with the
+    float64 split scale (``x*hi + x*lo``, ``lo`` possibly 0: ``-inf * 0``) it comes after."""
+    m_s = _in_interval(o_j, lo, span)
+    if EXACT_SCALE:
+        return tl.where(m_s, _scale(b_qk, qk_scale, qk_scale_lo, EXACT_SCALE), float("-inf"))
+    else:
+        return _scale(tl.where(m_s, b_qk, float("-inf")), qk_scale, qk_scale_lo, EXACT_SCALE)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,13 +296,22 @@ def dropout_keep(b_rk, o_col, thresh):
 
 @triton.jit
 def online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2: tl.constexpr, b_keep=None,
-                          DROPOUT: tl.constexpr = False):
+                          DROPOUT: tl.constexpr = False, qk_scale=None):
     """One online-softmax step: fold scores ``b_s [BM, BN]`` (exp units, masked = -inf)
     and values ``b_v [BN, D]`` into ``acc [BM, D]``, ``m_i [BM]``, ``l_i [BM]``.
-    ``DROPOUT``: only the entries where ``b_keep`` is True reach ``acc`` (``l_i`` counts all)."""
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+    ``DROPOUT``: only the entries where ``b_keep`` is True reach ``acc`` (``l_i`` counts all).
+    ``qk_scale`` (a scale > 0, or None): ``b_s`` are the unscaled scores and the scale is applied
+    here, to the row max after the reduction and inside the exponent's FMA (tutorial 06's order:
+    one multiply per row instead of one per score)."""
+    if qk_scale is None:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)  # [BM]
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing stays finite
-    b_p = _exp(b_s - m_use[:, None], USE_EXP2)  # [BM, BN]
+    if qk_scale is None:
+        b_p = _exp(b_s - m_use[:, None], USE_EXP2)  # [BM, BN]
+    else:
+        b_p = _exp(b_s * qk_scale - m_use[:, None], USE_EXP2)  # [BM, BN]
     alpha = _exp(m_i - m_use, USE_EXP2)  # [BM]
     l_i = l_i * alpha + tl.sum(b_p, 1)
     if DROPOUT:
@@ -265,6 +337,8 @@ def attn_fwd_range(
     in the band.  ``HAS_KEY_MASK``: ``p_km`` (uint8, position-indexed, nonzero =
     visible) masks keys on every block.  ``DROPOUT``: row keys ``b_rk [BM]``, key column
     ``col_offset + position``.  Returns the updated ``(acc, m_i, l_i)``."""
+    if MASKED:
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)  # [BN]
         o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
@@ -275,9 +349,12 @@ def attn_fwd_range(
         else:
             b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D]
             b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])  # [BN, D]
-        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
+        # [BM, BN] scores: unscaled (the update scales them) unless the float64 split scale is on
+        b_s = _mm(b_q, tl.trans(b_k), None)
+        if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
         if MASKED:
-            b_s = tl.where(m_j[None, :] & _band(o_i, o_j, before, after), b_s, float("-inf"))
+            b_s = tl.where(_in_interval(o_j, r_lo, r_span), b_s, float("-inf"))
         if HAS_KEY_MASK:
             if MASKED:
                 m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
@@ -287,7 +364,10 @@ def attn_fwd_range(
         b_keep = None
         if DROPOUT:
             b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        if EXACT_SCALE:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        else:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
     return acc, m_i, l_i
 
 
@@ -309,12 +389,17 @@ def attn_fwd_list(
         o_pos = tl.where(m_g, b_idx, 0).to(tl.int64)
         b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :], mask=m_g[:, None], other=0.0)
         b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :], mask=m_g[:, None], other=0.0)
-        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
-        b_s = tl.where(m_g[None, :], b_s, float("-inf"))  # [BM, BN]
+        b_s = _mm(b_q, tl.trans(b_k), None)  # [BM, BN], unscaled unless the float64 split scale is on
+        if EXACT_SCALE:
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_s = tl.where(m_g[None, :], b_s, float("-inf"))
         b_keep = None
         if DROPOUT:
             b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
-        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        if EXACT_SCALE:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        else:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
     return acc, m_i, l_i
 
 
@@ -373,6 +458,8 @@ def attn_bwd_dq_range(
     """``dq += dS k`` over key indices ``[j_lo, j_hi)`` (same addressing and masks as
     :func:`attn_fwd_range`); ``dS = P ∘ (dP − delta)``, the softmax scale is applied by
     the caller once at the end.  ``DROPOUT``: ``dP`` becomes ``keep ∘ dP / (1 - p)``."""
+    if MASKED:
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
         o_pos = (pos_offset + o_j * pos_step).to(tl.int64)
@@ -383,9 +470,11 @@ def attn_bwd_dq_range(
         else:
             b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])
             b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
-        b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
         if MASKED:
-            b_s = tl.where(m_j[None, :] & _band(o_i, o_j, before, after), b_s, float("-inf"))
+            b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_j, r_lo, r_span, qk_scale, qk_scale_lo,
+                                 EXACT_SCALE)  # [BM, BN]
+        else:
+            b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
         if HAS_KEY_MASK:
             if MASKED:
                 m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
@@ -458,6 +547,8 @@ def attn_bwd_dkdv_heads(
     position is its position ``pos_offset + i * pos_step``, or with ``DROP_ROWS`` the int64
     ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows)."""
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
+    if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
+        c_lo, c_span = _row_interval(o_j, after, before, r_begin, r_end)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
         i0 = i_lo + (it // n_heads) * BLOCK_M
@@ -475,10 +566,11 @@ def attn_bwd_dkdv_heads(
             b_do = tl.load(p_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, MASKED, USE_EXP2)
-        b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
         if MASKED:
-            # row i sees j  <=>  j - after <= i <= j + before
-            b_st = tl.where(m_i[None, :] & _band(o_j, o_i, after, before), b_st, float("-inf"))
+            b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_i, c_lo, c_span, qk_scale, qk_scale_lo,
+                                  EXACT_SCALE)  # [BN, BM]
+        else:
+            b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
         b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
         b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
         if DROPOUT:

@@ -13,9 +13,11 @@ mask tensor is ever built:
 
 * local: ``k, v`` rows ``[max(o + (t-1)·b, g), min(o + (t+2)·b, N))``; causal: up to
   ``o + (t+1)·b`` and ``j <= i``; padding keys masked;
-* sparse left: compressed rows ``[(t-1)·s - sb, (t-1)·s)`` clipped to ``[0, Tc)``, masked by the
-  selection's validity;
-* sparse right (non-causal only): compressed rows ``[(t+2)·s, (t+2)·s + sb)``, idem;
+* sparse left: compressed rows ``[t·s + left_lo, t·s + left_hi)`` clipped to ``[0, Tc)``, masked by
+  the selection's validity (the offsets of :meth:`lhattn.LSG.sparse_windows`; regular geometry:
+  ``[(t-1)·s - sb, (t-1)·s)``);
+* sparse right (non-causal only): ``[t·s + right_lo, t·s + right_hi)`` (regular:
+  ``[(t+2)·s, (t+2)·s + sb)``), idem.  A compressed key in both windows counts twice;
 * global: ``k, v`` rows ``[0, g)``, padding keys masked.
 
 One program visits the four sources in turn with one online softmax (the helpers of
@@ -37,8 +39,8 @@ Kernels
   share (dense path) is added in the same store.
 * ``_lsg_bwd_dkdv_sparse_kernel``: grid ``(ceil(Tc / BLOCK_N), Hc, B)``; ``BLOCK_N`` compressed
   keys against the rows of the query blocks whose left (right) window reaches them -- two
-  contiguous ranges of ``t`` derived from the tile's bounds, visited once each with a per-element
-  window mask (a row tile may straddle blocks).
+  contiguous ranges of ``t`` derived from the tile's bounds, made disjoint and visited once each
+  with a per-element window multiplicity (a row tile may straddle blocks).
 * global keys: :func:`.sliding_window.add_global_key_grads` (shared by the families with global
   tokens) on the rows ``[g, N)``: split into row chunks whose partial sums are added
   deterministically (no atomics).
@@ -136,6 +138,27 @@ def _meta(kind: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _window(base, w_lo, w_hi, n_c):
+    """``[c_begin, c_end)``: the compressed keys ``[base + w_lo, base + w_hi)`` clipped to ``[0, Tc)``
+    (``c_end >= c_begin``; empty for an empty window)."""
+    c_begin = tl.minimum(tl.maximum(base + w_lo, 0), n_c)
+    c_end = tl.maximum(tl.minimum(base + w_hi, n_c), c_begin)
+    return c_begin, c_end
+
+
+@triton.jit
+def _block_span(p_first, p_last, w_lo, w_hi, sparse_step, wrap, n_blocks):
+    """``[t_lo, t_hi)``: the query blocks ``t`` whose window ``[t·s + w_lo, t·s + w_hi)`` meets the
+    compressed keys ``[p_first, p_last]``: ``floor((p_first - w_hi) / s) + 1 <= t <=
+    floor((p_last - w_lo) / s)``, clipped to ``[0, n_blocks)``; ``(0, 0)`` when empty.  ``wrap · s``
+    keeps the floored numerators non-negative (integer ``//`` truncates)."""
+    t_lo = tl.maximum((p_first - w_hi + wrap * sparse_step) // sparse_step - wrap + 1, 0)
+    t_hi = tl.minimum((p_last - w_lo + wrap * sparse_step) // sparse_step - wrap + 1, n_blocks)
+    empty = (t_hi <= t_lo) | (w_hi <= w_lo)
+    return tl.where(empty, 0, t_lo), tl.where(empty, 0, t_hi)
+
+
 @_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
         bound="block_size")
 @triton.jit
@@ -150,7 +173,8 @@ def _lsg_fwd_kernel(
     stride_kmb, stride_kmn,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_kv, heads_per_c, big,
+    n, n_c, n_global, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, sparse_wrap,
+    heads_per_kv, heads_per_c, big,
     qk_scale, qk_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -223,13 +247,10 @@ def _lsg_fwd_kernel(
         p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
         p_sv = SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh
         for side in tl.static_range(1 if CAUSAL else 2):
-            if side == 0:  # left: [(t-1)s - sb, (t-1)s)
-                c_stop = (i_t - 1) * sparse_step
-                c_begin = tl.maximum(c_stop - sparse_size, 0)
-                c_end = tl.maximum(tl.minimum(c_stop, n_c), c_begin)
-            else:  # right: [(t+2)s, (t+2)s + sb)
-                c_begin = tl.minimum((i_t + 2) * sparse_step, n_c)
-                c_end = tl.minimum((i_t + 2) * sparse_step + sparse_size, n_c)
+            if side == 0:  # left window [ts + left_lo, ts + left_hi); regular: [(t-1)s - sb, (t-1)s)
+                c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
+            else:  # right window; regular: [(t+2)s, (t+2)s + sb)
+                c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
             acc, m_i, l_i = attn_fwd_range(
                 acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
                 o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
@@ -270,7 +291,8 @@ def _lsg_bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_deb, stride_deh, stride_den,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_kv, heads_per_c, big,
+    n, n_c, n_global, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, sparse_wrap,
+    heads_per_kv, heads_per_c, big,
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -342,12 +364,9 @@ def _lsg_bwd_dq_kernel(
         p_sv = SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh
         for side in tl.static_range(1 if CAUSAL else 2):
             if side == 0:
-                c_stop = (i_t - 1) * sparse_step
-                c_begin = tl.maximum(c_stop - sparse_size, 0)
-                c_end = tl.maximum(tl.minimum(c_stop, n_c), c_begin)
+                c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
             else:
-                c_begin = tl.minimum((i_t + 2) * sparse_step, n_c)
-                c_end = tl.minimum((i_t + 2) * sparse_step + sparse_size, n_c)
+                c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
             b_dq = attn_bwd_dq_range(
                 b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
                 o_d * stride_kcd, o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big,
@@ -482,17 +501,18 @@ def _sparse_dkdv_heads(
     b_dk, b_dv, b_k, b_v, o_c,
     p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh, stride_dh,
     stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
-    row_lo, row_hi, block_offset, block_size, sparse_size, sparse_step, qk_scale, qk_scale_lo,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    row_lo, row_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, qk_scale,
+    qk_scale_lo, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the compressed keys ``o_c [BN]`` (``b_k, b_v [BN, D]``)
     over the non-global rows ``[row_lo, row_hi)`` (``row_lo >= max(g, o)``), ``BLOCK_M`` at a time,
     summed over the ``n_heads`` query heads ``i_h0, i_h0 + 1, ...`` of this compressed head;
     ``p_q, p_do, p_lse, p_delta`` point at head 0 of the batch row.  Row ``i`` of LSG block
-    ``t = (i - o) // b`` sees ``p`` iff ``p`` lies in its left window ``[(t-1)s - sb, (t-1)s)`` or
-    (non-causal) its right window ``[(t+2)s, (t+2)s + sb)``: a row tile may straddle blocks, so the
-    window is applied per element.  Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
+    ``t = (i - o) // b`` sees ``p`` once per window of it that holds ``p``: ``[ts + left_lo,
+    ts + left_hi)`` and (non-causal) ``[ts + right_lo, ts + right_hi)``; a row tile may straddle
+    blocks, so the windows are applied per element, as a multiplicity (0, 1 or 2) of ``P``.
+    Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
     over heads and row blocks, transposed ``[BN, BM]`` tiles; the caller applies the scale and
     zeroes the keys the forward never saw).  ``DROPOUT``: as there; the keys' columns are
     ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``."""
@@ -508,14 +528,17 @@ def _sparse_dkdv_heads(
                        other=0.0)
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, True, USE_EXP2)
-        c_stop = ((o_i - block_offset) // block_size - 1) * sparse_step  # [BM] end of each row's left window
-        m_vis = (o_c[:, None] >= c_stop[None, :] - sparse_size) & (o_c[:, None] < c_stop[None, :])  # [BN, BM]
+        base = ((o_i - block_offset) // block_size) * sparse_step  # [BM] t·s of each row
+        rel = o_c[:, None] - base[None, :]  # [BN, BM]
+        m_l = (rel >= left_lo) & (rel < left_hi)
+        mult = tl.where(m_l, 1.0, 0.0)  # a key in both windows counts twice, as in the forward
         if not CAUSAL:
-            c_first = c_stop + 3 * sparse_step  # (t+2)s
-            m_vis = m_vis | ((o_c[:, None] >= c_first[None, :]) & (o_c[:, None] < c_first[None, :] + sparse_size))
+            m_r = (rel >= right_lo) & (rel < right_hi)
+            m_l = m_l | m_r
+            mult += tl.where(m_r, 1.0, 0.0)
         b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
-        b_st = tl.where(m_vis & m_i[None, :], b_st, float("-inf"))
-        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
+        b_st = tl.where(m_l & m_i[None, :], b_st, float("-inf"))
+        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2) * mult  # [BN, BM]
         if DROPOUT:
             b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_pos)  # [BM]
             b_keep_t = dropout_keep(b_kcol, b_rk, drop_thresh)  # [BN, BM]: the hash's xor is symmetric
@@ -545,7 +568,8 @@ def _lsg_bwd_dkdv_sparse_kernel(
     stride_deb, stride_deh, stride_den,
     stride_dkcb, stride_dkch, stride_dkcn, stride_dkcd,
     stride_dvcb, stride_dvch, stride_dvcn, stride_dvcd,
-    n, n_c, n_global, block_offset, block_size, sparse_size, sparse_step, heads_per_c, big,
+    n, n_c, n_global, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, sparse_wrap,
+    heads_per_c, big,
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
@@ -566,26 +590,27 @@ def _lsg_bwd_dkdv_sparse_kernel(
     b_dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
     b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
 
-    # The query blocks whose windows reach [p_first, p_last] form two ranges of t (from the
-    # window bounds), hence two row ranges; they are visited apart (rows of the gap between them
-    # see none of these keys) and never twice, each with the both-sides mask.
+    # The query blocks whose windows reach [p_first, p_last] form two ranges of t (one per window),
+    # hence two row ranges; the later one is cut to start after the earlier one, so that no row is
+    # visited twice (each visit applies both windows per element) and rows of a gap see none.
     n_blocks = tl.cdiv(n - block_offset, block_size)
-    # left window [(t-1)s - sb, (t-1)s):  p_first // s + 2 <= t <= (p_last + sb) // s + 1
-    tl_lo = p_first // sparse_step + 2
-    tl_hi = tl.minimum((p_last + sparse_size) // sparse_step + 2, n_blocks)
+    ta_lo, ta_hi = _block_span(p_first, p_last, left_lo, left_hi, sparse_step, sparse_wrap, n_blocks)
     if CAUSAL:
-        tr_lo = tl_lo
-        tr_hi = tl_lo
+        tb_lo = ta_lo
+        tb_hi = ta_lo
     else:
-        # right window [(t+2)s, (t+2)s + sb):  floor((p_first - sb) / s) - 1 <= t <= p_last // s - 2
-        wrap = sparse_size // sparse_step + 1  # keeps the floored numerator non-negative
-        tr_lo = tl.maximum((p_first - sparse_size + wrap * sparse_step) // sparse_step - wrap - 1, 0)
-        tr_hi = tl.minimum(p_last // sparse_step - 1, n_blocks)
-        tr_hi = tl.maximum(tl.minimum(tr_hi, tl_lo), tr_lo)  # overlap with the left range: visited there
-    rows_r_lo = tl.maximum(block_offset + tr_lo * block_size, n_global)
-    rows_r_hi = tl.maximum(tl.minimum(block_offset + tr_hi * block_size, n), rows_r_lo)
-    rows_l_lo = tl.maximum(block_offset + tl.minimum(tl_lo, tl_hi) * block_size, n_global)
-    rows_l_hi = tl.maximum(tl.minimum(block_offset + tl_hi * block_size, n), rows_l_lo)
+        tb_lo, tb_hi = _block_span(p_first, p_last, right_lo, right_hi, sparse_step, sparse_wrap, n_blocks)
+    swap = tb_lo < ta_lo
+    t1_lo = tl.where(swap, tb_lo, ta_lo)
+    t1_hi = tl.where(swap, tb_hi, ta_hi)
+    t2_lo = tl.where(swap, ta_lo, tb_lo)
+    t2_hi = tl.where(swap, ta_hi, tb_hi)
+    t2_lo = tl.maximum(t2_lo, t1_hi)
+    t2_hi = tl.maximum(t2_hi, t2_lo)
+    rows_1_lo = tl.maximum(block_offset + t1_lo * block_size, n_global)
+    rows_1_hi = tl.maximum(tl.minimum(block_offset + t1_hi * block_size, n), rows_1_lo)
+    rows_2_lo = tl.maximum(block_offset + t2_lo * block_size, n_global)
+    rows_2_hi = tl.maximum(tl.minimum(block_offset + t2_hi * block_size, n), rows_2_lo)
     i_h0 = i_hc * heads_per_c
     p_q = Q + i_b.to(tl.int64) * stride_qb
     p_do = DO + i_b.to(tl.int64) * stride_dob
@@ -598,14 +623,14 @@ def _lsg_bwd_dkdv_sparse_kernel(
     drop_bh0 = i_b * heads_per_c * tl.num_programs(1)  # b·H (query heads)
     for side in tl.static_range(1 if CAUSAL else 2):
         if side == 0:
-            row_lo, row_hi = rows_l_lo, rows_l_hi
+            row_lo, row_hi = rows_1_lo, rows_1_hi
         else:
-            row_lo, row_hi = rows_r_lo, rows_r_hi
+            row_lo, row_hi = rows_2_lo, rows_2_hi
         b_dk, b_dv = _sparse_dkdv_heads(
             b_dk, b_dv, b_k, b_v, o_c, p_q, p_do, p_lse, p_delta, i_h0, heads_per_c, stride_qh, stride_doh,
             stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-            row_lo, row_hi, block_offset, block_size, sparse_size, sparse_step, qk_scale, qk_scale_lo,
-            BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2,
+            row_lo, row_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, qk_scale,
+            qk_scale_lo, BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2,
             (n + o_c).to(tl.uint32), drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
 
     m_key = m_c & (tl.load(SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh + o_pc * stride_svn,
@@ -717,7 +742,7 @@ class _Args:
     """Host-side arithmetic shared by the launchers."""
 
     def __init__(self, q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens,
-                 block_offset, causal, scale, dropout_p, dropout_state):
+                 block_offset, causal, scale, dropout_p, dropout_state, sparse_windows):
         b, h, n, d = q.shape
         self.scale = d ** -0.5 if scale is None else float(scale)
         self.qk_scale, self.qk_scale_lo, self.exact, self.use_exp2 = split_scale(self.scale, q.dtype)
@@ -737,11 +762,29 @@ class _Args:
             qk_scale=self.qk_scale, qk_scale_lo=self.qk_scale_lo, HEAD_DIM=d, CAUSAL=causal,
             EXACT_SCALE=self.exact, USE_EXP2=self.use_exp2,
         )
-        self.sparse = dict(n_c=self.n_c, sparse_size=sparse_block_size, sparse_step=block_size // sparsity_factor,
-                           heads_per_c=h // self.h_c)
+        step = block_size // sparsity_factor
+        (l_lo, l_hi), (r_lo, r_hi) = _windows(sparse_windows, step, sparse_block_size, causal)
+        wrap = (max(abs(l_lo), abs(l_hi), abs(r_lo), abs(r_hi)) + step) // step + 1
+        self.sparse = dict(n_c=self.n_c, sparse_step=step, left_lo=l_lo, left_hi=l_hi, right_lo=r_lo, right_hi=r_hi,
+                           sparse_wrap=wrap, heads_per_c=h // self.h_c)
         # attention dropout: the sliding-window launchers' keywords and the LSG kernels'
         self.dropout = dict(dropout_p=dropout_p, dropout_state=dropout_state)
         self.drop = _dropout_args(dropout_p, dropout_state, q)
+
+
+def _windows(sparse_windows, step: int, sparse_block_size: int, causal: bool):
+    """The ``((left_lo, left_hi), (right_lo, right_hi))`` offsets of :meth:`lhattn.LSG.sparse_windows`
+    (None: the regular ones of ``sparse_block_size``); causal: the left one only."""
+    if sparse_windows is None:
+        sparse_windows = ((-step - sparse_block_size, -step), (2 * step, 2 * step + sparse_block_size))
+    try:
+        (l_lo, l_hi), (r_lo, r_hi) = sparse_windows
+        ints = [int(x) for x in (l_lo, l_hi, r_lo, r_hi)]
+    except (TypeError, ValueError):
+        raise ValueError(f"sparse_windows must be ((left_lo, left_hi), (right_lo, right_hi)) ints, "
+                         f"got {sparse_windows!r}") from None
+    left, right = (ints[0], max(ints[1], ints[0])), (ints[2], max(ints[3], ints[2]))
+    return left, ((0, 0) if causal else right)
 
 
 def _sparse_args(k_sparse, v_sparse, sparse_valid, like):
@@ -770,6 +813,7 @@ def lsg_fwd(
     key_valid: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_state: Optional[torch.Tensor] = None,
+    sparse_windows: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """LSG attention forward over the given compressed keys.
 
@@ -785,6 +829,9 @@ def lsg_fwd(
         dropout_p, dropout_state: attention dropout (:mod:`lhattn._dropout`): ``p`` in ``[0, 1)``
             and, when ``p > 0``, the state ``int64 [2] = (seed, T)`` on q's device.  A token key's
             column is its position, compressed key ``p``'s is ``N + p``; ``lse`` is undropped.
+        sparse_windows: ``((left_lo, left_hi), (right_lo, right_hi))``, the compressed keys
+            ``[t·s + lo, t·s + hi)`` that block ``t`` sees per side (:meth:`lhattn.LSG.sparse_windows`;
+            a key in both counts twice); None = the regular windows of ``sparse_block_size``.
 
     Returns:
         ``out [B, H, N, D]`` (q's dtype, contiguous) and ``lse [B, H, N]`` (float32; float64 for
@@ -793,7 +840,7 @@ def lsg_fwd(
     _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
            num_global_tokens, block_offset)
     a = _Args(q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens, block_offset,
-              causal, scale, dropout_p, dropout_state)
+              causal, scale, dropout_p, dropout_state, sparse_windows)
     if is_short(a.n, block_size, block_offset):
         return _dense_fwd(q, k, v, a.n, causal, a.scale, key_valid, a.dropout)
     b, h, n, d = q.shape
@@ -841,6 +888,7 @@ def lsg_bwd(
     key_valid: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_state: Optional[torch.Tensor] = None,
+    sparse_windows: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of :func:`lsg_fwd` (same arguments, plus ``dout``, ``out``, ``lse``; the same
     ``dropout_state`` regenerates the forward's dropped entries).
@@ -852,7 +900,7 @@ def lsg_bwd(
     _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
            num_global_tokens, block_offset)
     a = _Args(q, k, k_sparse, block_size, sparse_block_size, sparsity_factor, num_global_tokens, block_offset,
-              causal, scale, dropout_p, dropout_state)
+              causal, scale, dropout_p, dropout_state, sparse_windows)
     if is_short(a.n, block_size, block_offset):
         dq, dk, dv = _dense_bwd(dout, q, k, v, out, lse, a.n, causal, a.scale, key_valid, a.dropout)
         return dq, dk, dv, None, None

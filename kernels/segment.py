@@ -103,7 +103,7 @@ def _segment_block_range(start_first, end_first, start_last, end_last, BLOCK_OTH
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"], kind="fwd")
 @triton.jit
 def _seg_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END, DROP,
@@ -186,7 +186,7 @@ def _seg_fwd_kernel(
     tl.store(p_l + o_m * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"], kind="dq")
 @triton.jit
 def _seg_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, SEG_START, SEG_END, DROP,
@@ -269,7 +269,7 @@ def _seg_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT"])
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT"], kind="dkdv")
 @triton.jit
 def _seg_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, SEG_START, SEG_END, DROP,

@@ -64,41 +64,84 @@ into chunks of this many, so that the split/merge code runs in CPU tests too."""
 
 
 def _fwd_configs():
+    """Forward / dq candidates, best first (``LHATTN_AUTOTUNE_CONFIGS=1`` runs the first kept one).
+    128-row tiles on 8 warps lead: two warpgroups of 64 rows keep wgmma at half the registers per
+    thread of the 4-warp tile (no spills at D = 128, see :func:`_tile_cost`)."""
     out = []
-    for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 2), (64, 64, 4, 3),
-                                  (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2)]:
+    for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 2),
+                                  (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return out
 
 
 def _dkdv_configs():
+    """dk/dv candidates (``BLOCK_N`` keys per program, ``BLOCK_M`` query rows per step), best first."""
     out = []
-    # (sm_90 ptxas, fp16: no register spills at D=64 for any of these; at D=128 for 128x32/8, 64x32/8, 32x32/4)
     for bn, bm, warps, stages in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 4, 2),
                                   (64, 32, 4, 3), (32, 32, 4, 2), (32, 16, 2, 2)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return out
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep block sizes whose tiles fit for this head dim / dtype."""
-    args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
-    d = args["HEAD_DIM"]
-    q = args.get("Q")
-    big = q is not None and q.dtype == torch.float64
-    limit = 128 * 64 * 64 // max(d, 16)  # BLOCK_M * BLOCK_N budget: 128x64 at D<=64, 64x64 at 128, 64x32 at 256
-    if big:
-        limit //= 4
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+_REG_BUDGET = {"fwd": 128, "dq": 128, "dkdv": 160}
+"""Largest :func:`_tile_cost` register estimate a kept config may have, per kernel kind.  Calibrated on
+sm_90 with ``python -m bench.sm90`` (bf16/fp16): the measured spilling configs are over it (e.g. fwd
+128x32/4w at D = 128: 160; dq 128x64/4w at D = 64: 192) or use 8 warps on a 64-row tile (see
+:func:`_pruner`)."""
+_SMEM_BUDGET = 200 * 1024  # bytes; an H100 SM has 227 KB per block, Triton adds its own scratch
 
 
-def _tuned(configs, key):
-    """Autotune on CUDA; plain kernel (block sizes passed at launch) under the interpreter."""
+def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, elem: int) -> tuple:
+    """``(registers, shared bytes)`` a config needs, as a model: fp32 accumulator and score elements per
+    thread (float64 counts twice), and the resident + pipelined operand tiles in shared memory.
+
+    fwd: ``acc [BM, D]`` + scores ``[BM, BN]``; q resident, k/v staged.  dq: ``dq [BM, D]`` + scores
+    and dP ``[BM, BN]``; q, dO resident.  dkdv: ``dk, dv [BN, D]`` + transposed scores and dP
+    ``[BN, BM]``; k, v resident, q/dO staged."""
+    threads = 32 * warps
+    words = 2 if elem == 8 else 1
+    if kind == "fwd":
+        regs, smem = bm * d + bm * bn, elem * d * (bm + stages * 2 * bn)
+    elif kind == "dq":
+        regs, smem = bm * d + 2 * bm * bn, elem * d * (2 * bm + stages * 2 * bn)
+    else:
+        regs, smem = 2 * bn * d + 2 * bn * bm, elem * d * (2 * bn + stages * 2 * bm)
+    return words * regs // threads, smem
+
+
+def _pruner(kind: str):
+    """The autotuner's early pruner for one kernel kind: keep the configs whose :func:`_tile_cost`
+    fits the register and shared-memory budgets for this head dim and dtype, and whose 8 warps (two
+    warpgroups) get a 128-row accumulator tile -- on a 64-row tile they split the head dim and spilled
+    at D >= 128 (sm_90, ``bench.sm90``) -- in their best-first order; the smallest tile if none fits.
+    At D >= 128, tiles of fewer than 64 accumulator rows (mma.sync, not wgmma; 32x32/4w spilled there)
+    are kept only when no larger tile fits."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
+        d = args["HEAD_DIM"]
+        q = args.get("Q")
+        elem = q.element_size() if q is not None else 2
+
+        def fits(c):
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            regs, smem = _tile_cost(kind, bm, bn, c.num_warps, c.num_stages, d, elem)
+            return regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
+        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
+            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
+        kept = [c for c in configs if fits(c)]
+        if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
+            kept = [c for c in kept if rows(c) >= 64]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune
+
+
+def _tuned(configs, key, kind: str):
+    """Autotune on CUDA (``kind``: "fwd", "dq" or "dkdv", see :func:`_pruner`); plain kernel (block
+    sizes passed at launch) under the interpreter."""
     def wrap(fn):
         if INTERPRET:
             return fn
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(fn)
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kind)})(fn)
     return wrap
 
 
@@ -140,7 +183,7 @@ def _dropout_rows(DROP, p_drow, o_pos, m_rows, i_bh, DROP_ROWS: tl.constexpr):
     return drop_thresh, dropout_row_keys(dropout_head_key(drop_seed, i_bh), o_tok)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"], kind="fwd")
 @triton.jit
 def _sw_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW,
@@ -222,7 +265,7 @@ def _sw_fwd_kernel(
     tl.store(p_l + o_pq * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"])
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"], kind="dq")
 @triton.jit
 def _sw_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, DROP, DROW,
@@ -303,7 +346,7 @@ def _sw_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT"])
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT"], kind="dkdv")
 @triton.jit
 def _sw_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, DROP, DROW,
@@ -391,7 +434,7 @@ def _sw_bwd_dkdv_kernel(
              mask=m_n[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "DROPOUT"])
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "DROPOUT"], kind="dkdv")
 @triton.jit
 def _sw_bwd_dkdv_global_kernel(
     Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW,

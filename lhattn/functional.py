@@ -287,6 +287,7 @@ def lsg_attention(
     lsh_num_pre_rounds: int = 1,
     seed: int = 0,
     global_layout: str = "inline",
+    sparse_geometry: str = "reference",
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
@@ -299,7 +300,8 @@ def lsg_attention(
     there and in :mod:`lhattn.reference.lsg`); the rest as in :func:`attention`."""
     pattern = LSG(block_size=block_size, sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
                   sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, causal=causal,
-                  lsh_num_pre_rounds=lsh_num_pre_rounds, seed=seed, global_layout=global_layout)
+                  lsh_num_pre_rounds=lsh_num_pre_rounds, seed=seed, global_layout=global_layout,
+                  sparse_geometry=sparse_geometry)
     return attention(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
                      dropout_seed=dropout_seed, backend=backend, return_lse=return_lse)
 

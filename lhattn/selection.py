@@ -8,7 +8,10 @@ neither padding (``key_padding_mask``), nor one of the ``g`` global tokens, nor 
 Per type, for compressed position ``p`` (``0 <= p < T_c``) and kv head ``h``:
 
 * ``pooling``: the mean of the usable keys/values among tokens ``o + [p·f, (p+1)·f)``, computed
-  as LSG does: ``sum / (count + 1e-6)``.  Valid iff ``count > 0``.
+  as LSG does: ``sum / (count + 1e-6)``, the denominator rounded to float32 for the prepended
+  layout (the model files add ``1e-6`` to an integer count: a float32 result, also for fp64 inputs)
+  and in the accumulation dtype (fp32, fp64 for fp64) inline (``attention_layers``).  Valid iff
+  ``count > 0``.
 * ``stride``: token ``o + p·f + (h mod f)``.  Valid iff that token is usable.
 * ``block_stride``: block ``β = p // s``, slot ``r = p % s``: token ``o + β·b + ((r + h·s) mod b)``.
 * ``norm``: per chunk of ``c = min(b, sb)`` tokens, the ``c / f`` usable tokens with the largest
@@ -195,7 +198,11 @@ def _pooling(k, v, usable, pattern, gather, scatter_add, t_c, t_pad, **_):
     grp = _group_index(t, f, k.device).expand(k.shape[0], -1, -1)
     count = F.pad(usable, (0, t_pad - t)).view(usable.shape[0], t_c, f).sum(-1)  # [B, Tc]
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
-    denom = (count.to(acc) + 1e-6)[:, None, :, None]  # LSG's formula; fp32+ so that 1e-6 survives
+    # LSG's formula; fp32+ so that 1e-6 survives.  The model files (prepended) add it to an int64
+    # count, which makes a float32 denominator even for fp64 inputs; attention_layers adds it in
+    # the input's dtype.
+    eps_dtype = torch.float32 if pattern.global_layout == "prepended" else acc
+    denom = (count.to(eps_dtype) + 1e-6).to(acc)[:, None, :, None]
     kc = (scatter_add(k * w, grp, t_c).to(acc) / denom).to(k.dtype)
     vc = (scatter_add(v * w, grp, t_c).to(acc) / denom).to(v.dtype)
     return SparseKV(kc, vc, (count > 0)[:, None, :])

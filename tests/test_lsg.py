@@ -98,8 +98,9 @@ def _compare_rows(name: str, got: torch.Tensor, want: torch.Tensor, keep: torch.
 
 # ---- (1a) lsg_converter.attention_layers.LSGSelfAttention: inline layout, g = 1, sb = b ----------
 
-# (block_size, sparsity_factor, n): b / f even and f >= 4, where that module's window is regular;
-# n <= 2b (full attention), n = 2b, n not a multiple of b, several blocks.
+# (block_size, sparsity_factor, n): b / f even and f >= 4, where that module's window is regular
+# (every other factor: tests/test_lsg_exact.py); n <= 2b (full attention), n = 2b, n not a multiple
+# of b, several blocks.
 AL_SHAPES = [(8, 4, 13), (8, 4, 16), (8, 4, 29), (8, 4, 46), (16, 8, 57), (16, 4, 83)]
 AL_TYPES = ["none", "norm", "pooling", "stride", "block_stride", "bos_pooling"]  # all it has
 
@@ -183,8 +184,8 @@ def test_reference_matches_lsg_model_attention(sparsity_type, causal):
 # ---- (2) fallback against the oracle --------------------------------------------------------------
 
 FALLBACK_CASES = [
-    (Case(b=2, h=4, h_kv=4, n=37, d=16, padding=True, seed=1),
-     dict(block_size=4, sparsity_factor=2, num_global_tokens=1)),
+    (Case(b=2, h=4, h_kv=4, n=37, d=16, padding=True, seed=1),  # (attention_layers' own f = 2: no sparse keys)
+     dict(block_size=4, sparsity_factor=2, num_global_tokens=1, sparse_geometry="regular")),
     (Case(b=2, h=4, h_kv=2, n=45, d=16, padding=True, strided=True, seed=2),  # GQA, non-contiguous
      dict(block_size=8, sparse_block_size=4, sparsity_factor=4, num_global_tokens=2, global_layout="prepended")),
     (Case(b=1, h=2, h_kv=1, n=31, d=16, strided=True, seed=3),  # MQA, sb > b, 3 inline globals
@@ -281,7 +282,8 @@ def test_reference_gradcheck():
 
 def test_lsh_seed_is_reproducible():
     q, k, v = (torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    outs = [fallback_lsg(q, k, v, LSG(block_size=8, sparsity_type="lsh", seed=s))[0] for s in (1, 1, 2)]
+    outs = [fallback_lsg(q, k, v, LSG(block_size=8, sparsity_type="lsh", seed=s, global_layout="prepended"))[0]
+            for s in (1, 1, 2)]
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2])
 

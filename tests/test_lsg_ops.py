@@ -189,7 +189,8 @@ PATTERNS = [
                       global_layout="prepended"), 1, id="b8-sb4-f2-g2-prepended-mqa"),
     pytest.param(dict(block_size=16, sparse_block_size=32, sparsity_factor=4, num_global_tokens=3), 2,
                  id="b16-sb32-f4-g3"),
-    pytest.param(dict(block_size=4, sparsity_factor=4, num_global_tokens=0), 2, id="b4-f4-g0"),
+    pytest.param(dict(block_size=4, sparsity_factor=4, num_global_tokens=0, sparse_geometry="regular"), 2,
+                 id="b4-f4-g0"),  # (attention_layers' own windows fail for b / f = 1 with f even)
 ]
 
 

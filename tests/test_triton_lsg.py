@@ -71,7 +71,9 @@ def _compare(case, dtype, pattern, oracle_backend="reference"):
 
 # One input case per sparsity type, so that the sweep also covers both layouts, 0 / 1 / many
 # global tokens, sb < b, sb = b, sb > b, f in {2, 4}, odd n, padding, GQA/MQA (bos_pooling's
-# per-query-head compressed keys included), non-contiguous inputs and D = 32.
+# per-query-head compressed keys included), non-contiguous inputs and D = 32.  Inline with f = 2
+# uses sparse_geometry="regular" (attention_layers' own keeps no sparse key there); the reference
+# geometries' other windows: tests/test_lsg_exact.py.
 TYPE_CASES = {
     "none": (Case(b=1, h=2, h_kv=1, n=29, padding=True, seed=1),
              dict(block_size=8, num_global_tokens=0)),
@@ -81,11 +83,12 @@ TYPE_CASES = {
     "pooling": (Case(b=2, h=1, h_kv=1, n=29, d=32, padding=True, seed=3),
                 dict(block_size=8, sparsity_factor=4, num_global_tokens=1)),
     "stride": (Case(b=1, h=2, h_kv=2, n=29, padding=True, strided=True, seed=4),
-               dict(block_size=8, sparse_block_size=12, sparsity_factor=2, num_global_tokens=3)),
+               dict(block_size=8, sparse_block_size=12, sparsity_factor=2, num_global_tokens=3,
+                  sparse_geometry="regular")),
     "block_stride": (Case(b=1, h=2, h_kv=1, n=31, padding=True, seed=5),
                      dict(block_size=8, sparsity_factor=4, num_global_tokens=1, global_layout="prepended")),
     "bos_pooling": (Case(b=1, h=2, h_kv=1, n=29, padding=True, seed=6),
-                    dict(block_size=8, sparsity_factor=2, num_global_tokens=2)),
+                    dict(block_size=8, sparsity_factor=2, num_global_tokens=2, sparse_geometry="regular")),
     "lsh": (Case(b=1, h=2, h_kv=1, n=33, padding=True, strided=True, seed=7),
             dict(block_size=8, sparsity_factor=2, num_global_tokens=1, global_layout="prepended", seed=3)),
 }
@@ -103,7 +106,8 @@ OTHER_CASES = {
     # f = 1 (the blocked sequence itself), more global tokens than a block (inline: block 0 and
     # part of block 1 are global rows)
     "f1-g10": (Case(b=1, h=2, h_kv=1, n=33, padding=True, seed=8),
-               LSG(block_size=8, sparsity_factor=1, sparsity_type="stride", num_global_tokens=10)),
+               LSG(block_size=8, sparsity_factor=1, sparsity_type="stride", num_global_tokens=10,
+                   sparse_geometry="regular")),
     # n <= 2b: full attention (the dense path), inline and prepended (N - o <= 2b)
     "short": (Case(b=2, h=2, h_kv=1, n=13, padding=True, seed=9),
               LSG(block_size=8, sparsity_type="pooling", num_global_tokens=1)),
@@ -128,7 +132,8 @@ def test_triton_matches_oracle_other_cases(name):
 
 def test_triton_matches_oracle_fp64():
     _compare(Case(b=1, h=2, h_kv=1, n=29, padding=True, strided=True, seed=12), torch.float64,
-             LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=2))
+             LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=2,
+                 sparse_geometry="regular"))
 
 
 @pytest.mark.parametrize("dtype, sparsity_type, causal", [
@@ -137,7 +142,8 @@ def test_triton_matches_oracle_fp64():
 ], ids=["fp16-pooling-bidir", "bf16-norm-causal"])
 def test_triton_matches_oracle_half(dtype, sparsity_type, causal):
     _compare(Case(b=1, h=2, h_kv=1, n=29, padding=True, seed=13), dtype,
-             LSG(block_size=8, sparsity_factor=2, sparsity_type=sparsity_type, num_global_tokens=1, causal=causal))
+             LSG(block_size=8, sparsity_factor=2, sparsity_type=sparsity_type, num_global_tokens=1, causal=causal,
+                 sparse_geometry="regular"))
 
 
 @pytest.mark.parametrize("blocks", [
@@ -155,7 +161,7 @@ def test_triton_block_shapes(monkeypatch, blocks):
     monkeypatch.setattr(SW_KERNELS, "INTERPRET_SPLIT_CHUNK", 7)  # global rows' keys, global keys' rows
     _compare(Case(b=1, h=1, h_kv=1, n=45, padding=True, seed=14), torch.float64,
              LSG(block_size=20, sparse_block_size=10, sparsity_factor=4, sparsity_type="pooling",
-                 num_global_tokens=2))
+                 num_global_tokens=2, sparse_geometry="regular"))
 
 
 # --------------------------------------------------------------------------------------
@@ -167,7 +173,8 @@ def test_triton_gradcheck_fp64():
     """bos_pooling: q reaches the output through the kernels and through the selection.  (GQA
     gradients are checked against the fp64 oracle in test_triton_matches_oracle_fp64.)"""
     inputs = make_inputs(Case(b=1, h=1, h_kv=1, n=17, padding=True, seed=15), torch.float64, DEVICE)
-    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=1)
+    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=1,
+                  sparse_geometry="regular")
 
     def f(q, k, v):
         return lhattn.attention(q, k, v, pattern, key_padding_mask=inputs["key_padding_mask"], backend="triton")
@@ -180,7 +187,8 @@ def test_triton_padding_rows_are_exact_zeros_never_nan():
     kpm = torch.zeros(2, 21, dtype=torch.bool, device=DEVICE)
     kpm[0, 15:] = True
     kpm[1] = True
-    pattern = LSG(block_size=6, sparsity_factor=2, sparsity_type="pooling", num_global_tokens=1)
+    pattern = LSG(block_size=6, sparsity_factor=2, sparsity_type="pooling", num_global_tokens=1,
+                  sparse_geometry="regular")
     out, lse = lhattn.attention(inputs["q"], inputs["k"], inputs["v"], pattern, key_padding_mask=kpm,
                                 backend="triton", return_lse=True)
     out.sum().backward()
@@ -217,7 +225,8 @@ def test_triton_custom_op_opcheck():
     valid[0, 0, 3] = False
     key_valid = torch.ones(1, 19, dtype=torch.bool, device=DEVICE)
     key_valid[0, -2:] = False
-    args = (q, k, v, kc, vc, valid, key_valid, 8, 8, 2, 1, 0, False, 0.25)  # b, sb, f, g, o, causal, scale
+    # b, sb, f, sparse windows (regular: (-s - sb, -s), (2s, 2s + sb)), g, o, causal, scale
+    args = (q, k, v, kc, vc, valid, key_valid, 8, 8, 2, [-12, -4, 8, 16], 1, 0, False, 0.25)
     torch.library.opcheck(torch.ops.lhattn.lsg_attn_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -81,11 +81,12 @@ TYPE_CASES = {
     "pooling": (Case(b=2, h=1, h_kv=1, n=29, d=32, padding=True, seed=33),
                 dict(block_size=8, sparsity_factor=4, num_global_tokens=1), 0.1),
     "stride": (Case(b=2, h=4, h_kv=2, n=29, padding=True, strided=True, seed=34),
-               dict(block_size=8, sparse_block_size=12, sparsity_factor=2, num_global_tokens=3), 0.5),
+               dict(block_size=8, sparse_block_size=12, sparsity_factor=2, num_global_tokens=3,
+                    sparse_geometry="regular"), 0.5),
     "block_stride": (Case(b=1, h=2, h_kv=1, n=31, padding=True, seed=35),
                      dict(block_size=8, sparsity_factor=4, num_global_tokens=1, global_layout="prepended"), 0.1),
     "bos_pooling": (Case(b=1, h=4, h_kv=2, n=29, padding=True, seed=36),
-                    dict(block_size=8, sparsity_factor=2, num_global_tokens=2), 0.5),
+                    dict(block_size=8, sparsity_factor=2, num_global_tokens=2, sparse_geometry="regular"), 0.5),
     "lsh": (Case(b=1, h=2, h_kv=1, n=33, padding=True, strided=True, seed=37),
             dict(block_size=8, sparsity_factor=2, num_global_tokens=1, global_layout="prepended", seed=3), 0.5),
 }
@@ -108,7 +109,8 @@ OTHER_CASES = {
                                    global_layout="prepended"), 0.1),
     # global rows beyond a block (inline), f = 1
     "f1-g10": (Case(b=1, h=2, h_kv=1, n=33, padding=True, seed=40),
-               LSG(block_size=8, sparsity_factor=1, sparsity_type="stride", num_global_tokens=10), 0.5),
+               LSG(block_size=8, sparsity_factor=1, sparsity_type="stride", num_global_tokens=10,
+                   sparse_geometry="regular"), 0.5),
     # more global keys than non-global rows: the global-key gradient in several calls
     "g-beyond-half": (Case(b=1, h=2, h_kv=1, n=8, padding=True, seed=41),
                       LSG(block_size=3, sparsity_factor=3, sparsity_type="pooling", num_global_tokens=6), 0.5),
@@ -123,7 +125,8 @@ def test_dropout_matches_oracle_other_cases(name):
 
 def test_dropout_matches_oracle_fp64():
     _compare(Case(b=2, h=4, h_kv=2, n=29, padding=True, strided=True, seed=42), torch.float64,
-             LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=2), 0.5)
+             LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=2,
+                 sparse_geometry="regular"), 0.5)
 
 
 def test_dropout_block_shapes(monkeypatch):
@@ -135,18 +138,21 @@ def test_dropout_block_shapes(monkeypatch):
     monkeypatch.setattr(SW_KERNELS, "INTERPRET_SPLIT_CHUNK", 7)
     _compare(Case(b=1, h=2, h_kv=1, n=45, padding=True, seed=43), torch.float64,
              LSG(block_size=20, sparse_block_size=10, sparsity_factor=4, sparsity_type="pooling",
+                 sparse_geometry="regular",
                  num_global_tokens=2), 0.3)
 
 
 def test_dropout_matches_oracle_half():
     _compare(Case(b=1, h=2, h_kv=1, n=29, padding=True, seed=44), torch.bfloat16,
-             LSG(block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=1, causal=True), 0.1)
+             LSG(block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=1, causal=True,
+                 sparse_geometry="regular"), 0.1)
 
 
 def test_dropout_gradcheck_fp64():
     """A fixed seed makes dropout a fixed mask: the function stays smooth in q, k, v."""
     inputs = make_inputs(Case(b=1, h=1, h_kv=1, n=17, padding=True, seed=45), torch.float64, DEVICE)
-    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=1)
+    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="bos_pooling", num_global_tokens=1,
+                  sparse_geometry="regular")
 
     def f(q, k, v):
         return lhattn.attention(q, k, v, pattern, key_padding_mask=inputs["key_padding_mask"], dropout_p=0.3,
@@ -167,7 +173,8 @@ def _run(inputs, pattern, **kwargs):
 
 def test_dropout_drops_and_follows_the_seed():
     inputs = make_inputs(Case(b=1, h=2, h_kv=1, n=25, padding=True, seed=46), torch.float32, DEVICE)
-    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="pooling", num_global_tokens=2)
+    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="pooling", num_global_tokens=2,
+                  sparse_geometry="regular")
     plain = _run(inputs, pattern)
     first = _run(inputs, pattern, dropout_p=0.5, dropout_seed=1)
     again = _run(inputs, pattern, dropout_p=0.5, dropout_seed=1)
@@ -184,7 +191,7 @@ def test_dropout_drops_and_follows_the_seed():
 def test_zero_dropout_is_the_plain_kernel():
     """``dropout_p = 0`` ignores any state and is bit for bit the call without dropout."""
     inputs = make_inputs(Case(b=1, h=2, h_kv=1, n=33, padding=True, seed=47), torch.float32, DEVICE)
-    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=1)
+    pattern = LSG(block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=1, sparse_geometry="regular")
     state = _dropout.make_state(0.5, 3, DEVICE)
 
     def impl(**kwargs):
@@ -217,7 +224,8 @@ def test_custom_ops_opcheck_with_dropout():
     """Schema, fake kernels and autograd registration with ``dropout_p > 0`` and a state."""
     state = _dropout.make_state(0.3, 11, DEVICE)
     q, k, v, kc, vc, valid, key_valid = _op_inputs(True)
-    scalars = (8, 8, 2, 1, 0, False, 0.25, 0.3)  # b, sb, f, g, o, causal, scale, dropout_p
+    # b, sb, f, sparse windows (regular), g, o, causal, scale, dropout_p
+    scalars = (8, 8, 2, [-12, -4, 8, 16], 1, 0, False, 0.25, 0.3)
     torch.library.opcheck(torch.ops.lhattn.lsg_attn_fwd.default,
                           (q, k, v, kc, vc, valid, key_valid) + scalars + (state,),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

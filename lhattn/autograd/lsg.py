@@ -9,7 +9,7 @@ Two steps, exactly as the fallback (``lhattn/fallback/lsg.py``):
    wrapping the launchers of :mod:`lhattn.kernels.lsg`:
 
    * ``lhattn::lsg_attn_fwd(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size,
-     sparse_block_size, sparsity_factor, num_global_tokens, block_offset, causal, scale,
+     sparse_block_size, sparsity_factor, sparse_windows, num_global_tokens, block_offset, causal, scale,
      dropout_p=0.0, dropout_state=None) -> (out, lse)``;
    * ``lhattn::lsg_attn_bwd(dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid,
      ...) -> (dq, dk, dv, dk_sparse, dv_sparse)`` (the last two empty without compressed keys);
@@ -24,7 +24,7 @@ ops; the state is saved for the backward, which regenerates the dropped entries 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,11 @@ def reason(q: Tensor, pattern: LSG) -> Optional[str]:
     return why
 
 
+def _pairs(flat: List[int]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """``[left_lo, left_hi, right_lo, right_hi]`` (the ops' flat form) -> the launchers' pairs."""
+    return (flat[0], flat[1]), (flat[2], flat[3])
+
+
 # --------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------
@@ -61,18 +66,19 @@ def _attn_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     k_sparse: Optional[Tensor], v_sparse: Optional[Tensor], sparse_valid: Optional[Tensor],
     key_valid: Optional[Tensor],
-    block_size: int, sparse_block_size: int, sparsity_factor: int, num_global_tokens: int, block_offset: int,
-    causal: bool, scale: float, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
+    block_size: int, sparse_block_size: int, sparsity_factor: int, sparse_windows: List[int], num_global_tokens: int,
+    block_offset: int, causal: bool, scale: float, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     return lsg_fwd(q, k, v, k_sparse, v_sparse, sparse_valid, block_size=block_size,
                    sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
                    num_global_tokens=num_global_tokens, block_offset=block_offset, causal=causal, scale=scale,
-                   key_valid=key_valid, dropout_p=dropout_p, dropout_state=dropout_state)
+                   key_valid=key_valid, dropout_p=dropout_p, dropout_state=dropout_state,
+                   sparse_windows=_pairs(sparse_windows))
 
 
 @_attn_fwd.register_fake
 def _attn_fwd_fake(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size,
-                   sparsity_factor, num_global_tokens, block_offset, causal, scale, dropout_p=0.0,
+                   sparsity_factor, sparse_windows, num_global_tokens, block_offset, causal, scale, dropout_p=0.0,
                    dropout_state=None):
     b, h, n, d = q.shape
     return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=acc_dtype(q.dtype))
@@ -83,14 +89,14 @@ def _attn_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     k_sparse: Optional[Tensor], v_sparse: Optional[Tensor], sparse_valid: Optional[Tensor],
     key_valid: Optional[Tensor],
-    block_size: int, sparse_block_size: int, sparsity_factor: int, num_global_tokens: int, block_offset: int,
-    causal: bool, scale: float, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
+    block_size: int, sparse_block_size: int, sparsity_factor: int, sparse_windows: List[int], num_global_tokens: int,
+    block_offset: int, causal: bool, scale: float, dropout_p: float = 0.0, dropout_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dkc, dvc = lsg_bwd(dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, block_size=block_size,
                                    sparse_block_size=sparse_block_size, sparsity_factor=sparsity_factor,
                                    num_global_tokens=num_global_tokens, block_offset=block_offset, causal=causal,
                                    scale=scale, key_valid=key_valid, dropout_p=dropout_p,
-                                   dropout_state=dropout_state)
+                                   dropout_state=dropout_state, sparse_windows=_pairs(sparse_windows))
     if k_sparse is None:
         dkc, dvc = q.new_empty((0,)), q.new_empty((0,))
     elif dkc is None:  # compressed keys given but unused (short sequence): zero gradient
@@ -125,7 +131,7 @@ def _backward(ctx, dout, _dlse):
                                                          key_valid, *ctx.args, ctx.dropout_p, dropout_state)
     if not ctx.has_sparse:
         dkc = dvc = None
-    return (dq, dk, dv, dkc, dvc) + (None,) * 11
+    return (dq, dk, dv, dkc, dvc) + (None,) * 12
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -159,8 +165,9 @@ def impl(
         sparse = select_sparse(q, k, v, pattern, key_padding_mask=key_padding_mask, scale=scale, impl="ops")
     kc, vc, sv = (sparse.k, sparse.v, sparse.valid) if sparse is not None else (None, None, None)
     key_valid = None if key_padding_mask is None else ~key_padding_mask
+    windows = [x for side in pattern.sparse_windows() for x in side]
     return torch.ops.lhattn.lsg_attn_fwd(q, k, v, kc, vc, sv, key_valid, pattern.block_size,
-                                         pattern.sparse_block_size, pattern.sparsity_factor,
+                                         pattern.sparse_block_size, pattern.sparsity_factor, windows,
                                          pattern.num_global_tokens, pattern.block_offset, pattern.causal, scale,
                                          float(dropout_p), dropout_state)
 

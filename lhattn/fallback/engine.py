@@ -79,12 +79,16 @@ class Dropout:
         hold anything, e.g. the -1 of an empty global slot); None = row ``r`` is token ``r``.
     col_offsets: one int per key source, the column of its row 0 (key ``j`` of source ``s`` has
         column ``col_offsets[s] + j``); None = 0 for every source.
+    col_pos: per key source, None or an int64 ``[B, N_s]`` giving the column of each of its rows
+        (then ``col_offsets`` is ignored for it): keys gathered from scattered token positions,
+        e.g. the global keys all-gathered by :mod:`lhattn.distributed`.
     """
 
     p: float
     state: Tensor
     row_pos: Optional[Tensor] = None
     col_offsets: Optional[Sequence[int]] = None
+    col_pos: Optional[Sequence[Optional[Tensor]]] = None
 
 
 def make_dropout(p: float, state: Optional[Tensor], col_offsets: Optional[Sequence[int]] = None) -> Optional[Dropout]:
@@ -118,7 +122,16 @@ class _KeepBits:
         for i, kb in used:
             idx = kb.index
             cols = torch.arange(*idx.indices(self.lengths[i]), device=dev) if isinstance(idx, slice) else idx
-            parts.append(self.keep(r, cols + self.offsets[i], self.drop.state))  # [B, H, Bq, L]
+            col_pos = None if self.drop.col_pos is None else self.drop.col_pos[i]
+            if col_pos is not None:  # [B, N_s] -> [B, L]; padding slots read row 0 (masked anyway)
+                if isinstance(idx, slice):
+                    cols = col_pos[:, idx]
+                else:
+                    cols = col_pos.gather(1, idx.clamp(0, self.lengths[i] - 1))
+                cols = cols.clamp(min=0)
+            else:
+                cols = cols + self.offsets[i]
+            parts.append(self.keep(r, cols, self.drop.state))  # [B, H, Bq, L]
         keep = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         b, h, bq, width = keep.shape
         return keep.view(b, self.h_kv, h // self.h_kv, bq, width)

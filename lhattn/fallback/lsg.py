@@ -5,8 +5,9 @@ then :func:`~lhattn.fallback.engine.blocked_attention` over four key sources, on
 ``block_size`` rows at a time (semantics: :mod:`lhattn.reference.lsg`):
 
 * local: ``k, v`` rows ``[max(o + (t-1)·b, g), min(o + (t+2)·b, N))`` (``t+1`` when causal);
-* sparse left / right: the compressed ``k, v`` rows ``[(t-1)·s - sb, (t-1)·s)`` and
-  ``[(t+2)·s, (t+2)·s + sb)``, clipped to ``[0, T_c)`` (the same tensors, passed twice);
+* sparse left / right: the compressed ``k, v`` rows ``[t·s + lo, t·s + hi)`` of the two windows of
+  :meth:`lhattn.LSG.sparse_windows` (regular geometry: ``[(t-1)·s - sb, (t-1)·s)`` and
+  ``[(t+2)·s, (t+2)·s + sb)``), clipped to ``[0, T_c)`` (the same tensors, passed twice);
 * global: ``k, v`` rows ``[0, g)``.
 
 Attention dropout uses the columns of the reference's ``[k ; compressed k]`` matrix: token
@@ -73,7 +74,8 @@ class _LSGPlan:
             yield from self._all_keys(0, n)
             return
         yield from self._all_keys(0, g)
-        s, sb = b // p.sparsity_factor, p.sparse_block_size
+        s = b // p.sparsity_factor
+        windows = p.sparse_windows()
         glob = None
         for t in range(-(-(n - o) // b)):
             rows = slice(max(o + t * b, g), min(o + (t + 1) * b, n))
@@ -82,9 +84,8 @@ class _LSGPlan:
             lo, hi = max(o + (t - 1) * b, g), min(o + (t + (1 if p.causal else 2)) * b, n)
             keys = [KeyBlock(index=slice(lo, hi), mask=self._key_mask(rows, lo, hi, p.causal)), None, None, None]
             if self.sparse is not None:
-                keys[1] = self._sparse_block(rows, (t - 1) * s - sb, (t - 1) * s)
-                if not p.causal:
-                    keys[2] = self._sparse_block(rows, (t + 2) * s, (t + 2) * s + sb)
+                for side, (w_lo, w_hi) in enumerate(windows, start=1):
+                    keys[side] = self._sparse_block(rows, t * s + w_lo, t * s + w_hi)
             if g > 0:
                 glob = KeyBlock(index=slice(0, g), mask=self._key_mask(rows, 0, g, False))
                 keys[3] = glob

@@ -73,6 +73,25 @@ def _representatives(b: int, n: int, segment_ids: Optional[Tensor], segment_size
     return is_rep, index
 
 
+def _representatives_here(b: int, n: int, segment_ids: Optional[Tensor], segment_size: Optional[int],
+                          key_padding_mask: Optional[Tensor], global_mask: Optional[Tensor], device):
+    """:func:`_representatives`, or inside :func:`lhattn.distributed.context_parallel` this rank's part of
+    the whole sequence's (a :class:`lhattn.distributed._hat.ShardedRepresentatives`)."""
+    from .. import distributed
+
+    if distributed.is_active():
+        from ..distributed._hat import ShardedRepresentatives
+
+        return ShardedRepresentatives(b, n, segment_ids, segment_size, key_padding_mask, global_mask, device,
+                                      distributed.current_group())
+    return _representatives(b, n, segment_ids, segment_size, key_padding_mask, global_mask, device)
+
+
+def _width(reps) -> int:
+    """Representative slots: ``R`` of the index (or of the whole sequence, context-parallel)."""
+    return reps[1].shape[1] if isinstance(reps, tuple) else reps.width
+
+
 def representative_index(b: int, n: int, *, segment_ids: Optional[Tensor] = None, segment_size: Optional[int] = None,
                          key_padding_mask: Optional[Tensor] = None, global_mask: Optional[Tensor] = None,
                          device=None) -> Tensor:
@@ -257,8 +276,8 @@ class HATLayer(nn.Module):
         self._check_input(x, segment_ids)
         reps = None
         if self.cross_segment_encoder is not None:
-            reps = _representatives(x.shape[0], x.shape[1], segment_ids, self.segment_size, key_padding_mask,
-                                    global_mask, x.device)
+            reps = _representatives_here(x.shape[0], x.shape[1], segment_ids, self.segment_size, key_padding_mask,
+                                         global_mask, x.device)
         return self._forward(x, reps, segment_ids, key_padding_mask, global_mask, segment_embeddings)
 
     def _check_input(self, x: Tensor, segment_ids: Optional[Tensor]) -> None:
@@ -274,17 +293,23 @@ class HATLayer(nn.Module):
                 return attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=False, global_mask=global_mask,
                             segment_ids=segment_ids)[0]
             x = self.segment_encoder(x, swe)
-        if self.cross_segment_encoder is None or reps[1].shape[1] == 0:
+        if self.cross_segment_encoder is None or _width(reps) == 0:
             return x
         from .. import _ops
 
-        is_rep, idx = reps
+        sharded = not isinstance(reps, tuple)  # lhattn.distributed: this rank's part of the representatives
+        is_rep, idx = (reps.is_rep, reps.index) if sharded else reps
         index = idx[:, None, :]  # [B, 1, R]
-        valid = idx >= 0
         h = _ops.gather_rows(x[:, None], index)[:, 0]  # [B, R, E]
+        if sharded:  # every rank's representatives, in sequence order
+            h, valid = reps.gather(h), reps.valid
+        else:
+            valid = idx >= 0
         if segment_embeddings is not None:
             h = h + segment_embeddings
         h = self.cross_segment_encoder(h, lambda attn, t: attn(t, valid))
+        if sharded:
+            h = reps.mine(h)
         return x.masked_fill(is_rep[..., None], 0.0) + _ops.scatter_add_rows(h[:, None], index, x.shape[1])[:, 0]
 
 
@@ -351,35 +376,41 @@ class HATEncoder(nn.Module):
         self.layers[0]._check_input(x, segment_ids)
         reps, emb = None, None
         if any("D" in item for item in self.layout):
-            reps = _representatives(x.shape[0], x.shape[1], segment_ids, self.segment_size, key_padding_mask,
-                                    global_mask, x.device)
+            reps = _representatives_here(x.shape[0], x.shape[1], segment_ids, self.segment_size, key_padding_mask,
+                                         global_mask, x.device)
             if self.segment_positions == "rank":
-                r = reps[1].shape[1]
+                r = _width(reps)
                 if r > self.segment_position.num_embeddings:
                     raise ValueError(f"a batch row has {r} representatives (segments + global tokens), more than "
                                      f"max_segments={self.segment_position.num_embeddings}")
                 emb = self.segment_position(torch.arange(r, device=x.device))
             elif self.segment_positions == "absolute":
-                emb = self._absolute_positions(reps[1], segment_ids, global_mask, x.shape[1])
+                emb = self._absolute_positions(reps, segment_ids, global_mask, x.shape[1])
         for layer in self.layers:
             x = layer._forward(x, reps, segment_ids, key_padding_mask, global_mask, emb)
         return x if self.norm is None else self.norm(x)
 
-    def _absolute_positions(self, index: Tensor, segment_ids: Optional[Tensor], global_mask: Optional[Tensor],
+    def _absolute_positions(self, reps, segment_ids: Optional[Tensor], global_mask: Optional[Tensor],
                             n: int) -> Tensor:
         """HAT's segment positions ``[B, R, E]``: row ``s + 1`` for the representative of segment ``s``."""
         if global_mask is not None:
             raise ValueError("segment_positions='absolute' numbers segments and global tokens have none: "
                              "pass global_mask=None or build the encoder with segment_positions='rank'")
         table = self.segment_position
-        ordinal = segment_ordinal(index.shape[0], n, segment_ids=segment_ids, segment_size=self.segment_size,
-                                  device=index.device)
-        count = int(ordinal[:, -1].max()) + 1 if n else 0
+        sharded = not isinstance(reps, tuple)  # lhattn.distributed: numbers over the whole sequence
+        index = reps.index if sharded else reps[1]
+        if sharded:
+            ordinal, count = reps.segment_numbers()
+        else:
+            ordinal = segment_ordinal(index.shape[0], n, segment_ids=segment_ids, segment_size=self.segment_size,
+                                      device=index.device)
+            count = int(ordinal[:, -1].max()) + 1 if n else 0
         if count > table.num_embeddings - 1:
             raise ValueError(f"a batch row has {count} segments (padded ones counted), more than "
                              f"max_segments={table.num_embeddings - 1}")
         rows = ordinal.gather(1, index.clamp(min=0)) + 1
-        return table(rows.masked_fill(index < 0, table.padding_idx))
+        emb = table(rows.masked_fill(index < 0, table.padding_idx))
+        return reps.gather(emb) if sharded else emb
 
 
 SEGMENT_POSITIONS = ("rank", "absolute", "none")

@@ -37,11 +37,21 @@ from torch import Tensor, nn
 
 from .. import functional as _functional
 from ..patterns import LSG
+from . import mha as _mha
 
 __all__ = ["LSGSelfAttention"]
 
-# As in lhattn.nn.mha: the fallback's autograd.Function builds masks that dynamo cannot capture.
-_attention = torch.compiler.disable(_functional.attention)
+# lhattn.attention, or context-parallel inside lhattn.distributed.context_parallel; as in lhattn.nn.mha,
+# compiled code runs it eagerly (the fallback's autograd.Function builds masks that dynamo cannot capture).
+_attention = _mha._attention
+
+
+def _holds_sequence_start() -> bool:
+    """Where the learned global tokens are prepended: always, or inside
+    :func:`lhattn.distributed.context_parallel` on the group's rank 0 only (its shard starts the sequence)."""
+    from .. import distributed
+
+    return not distributed.is_active() or distributed.group_rank() == 0
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -150,10 +160,11 @@ class LSGSelfAttention(nn.Module):
         """``x [B, N, E]``, ``key_padding_mask [B, N]`` bool (True = padding) -> ``[B, N, E]``."""
         self._check_input(x, key_padding_mask)
         b, n, e = x.shape
-        g = self.num_global_tokens
+        g = self.num_global_tokens if _holds_sequence_start() else 0
         h = x
-        if g > 0:  # [B, g + N, E]: the learned global tokens first
-            h = torch.cat([self.global_embeddings.to(x.dtype)[None].expand(b, -1, -1), x], dim=1)
+        if self.global_embeddings is not None:  # [B, g + N, E]: the learned global tokens first
+            # (an empty slice off the first rank: a zero gradient rather than none, as DDP expects)
+            h = torch.cat([self.global_embeddings[:g].to(x.dtype)[None].expand(b, -1, -1), x], dim=1)
         kpm = key_padding_mask
         if kpm is not None and g > 0:  # global tokens are never padding
             kpm = torch.cat([kpm.new_zeros(b, g), kpm], dim=1)

@@ -78,10 +78,28 @@ def _keep_off_fused_path(module: nn.Module, args) -> None:
     return None
 
 
+def _attention_or_context_parallel(q, k, v, pattern, **kwargs):
+    """:func:`lhattn.attention`, or its context-parallel twin inside
+    :func:`lhattn.distributed.context_parallel` (each rank then holds a shard of the sequence)."""
+    from .. import distributed
+
+    if distributed.is_active():
+        return distributed.attention(q, k, v, pattern, **kwargs)
+    return _functional.attention(q, k, v, pattern, **kwargs)
+
+
 # torch.compile runs the attention itself eagerly (one graph break per call): the fallback's
 # autograd.Function builds its block masks inside the function, which dynamo cannot capture.
 # Drop this wrapper once lhattn.attention is traceable (e.g. registered with torch.library).
-_attention = torch.compiler.disable(_functional.attention)
+_attention = torch.compiler.disable(_attention_or_context_parallel)
+
+
+def _every_rank_pads() -> bool:
+    """Context parallel: the padding-rows branch must not depend on one rank's shard (the calls it makes
+    are collective), so every rank that has a key_padding_mask takes it."""
+    from .. import distributed
+
+    return distributed.is_active()
 
 
 def _lsg_has_compressed_keys(pattern: LSG, n: int) -> bool:
@@ -333,6 +351,11 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _explicit(self, q, k, v, pattern, kpm, global_mask, segment_ids):
         """Dense path, op for op as ``F.multi_head_attention_forward`` with need_weights=True."""
+        from .. import distributed
+
+        if distributed.is_active():
+            raise ValueError("need_weights=True is not supported inside lhattn.distributed.context_parallel "
+                             "(the weights are a dense N x N matrix); pass need_weights=False")
         b, h, n, hd = q.shape
         visible = _pattern_mask(pattern, n, global_mask, segment_ids, b, q.device)  # [B|1, N, N]
         if kpm is not None:
@@ -357,8 +380,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         as ``padded_rows`` says (module docstring)."""
         kw = dict(scale=1.0 / math.sqrt(self.head_dim), backend=self.backend)
         n = q.shape[2]
-        pad_rows = kpm is not None and self.padded_rows == "torch" and bool(kpm.any())
-        if pad_rows and isinstance(pattern, LSG) and _lsg_has_compressed_keys(pattern, n):
+        pad_rows = kpm is not None and self.padded_rows == "torch" and (_every_rank_pads() or bool(kpm.any()))
+        # context parallel: the shard length says nothing of the sequence's, so any compressed keys count
+        if pad_rows and isinstance(pattern, LSG) and (_lsg_has_compressed_keys(pattern, n)
+                                                      or (_every_rank_pads() and pattern.has_sparse_keys)):
             raise ValueError(
                 f"padded_rows='torch' is not defined for {pattern} at length {n}: its compressed keys are "
                 "built without the padding tokens, so a padding query has no PyTorch-like output; "

@@ -12,21 +12,23 @@ Tokens ``j < g`` are global.  A padding key is never seen; a padding query outpu
    * the global keys ``j < g``;
    * the local keys ``j >= g`` with ``o + (t-1)·b <= j < o + (t+2)·b`` (causal:
      ``o + (t-1)·b <= j <= i``);
-   * the valid compressed keys ``p`` (``0 <= p < T_c``) with ``(t-1)·s - sb <= p < (t-1)·s`` or
-     ``(t+2)·s <= p < (t+2)·s + sb`` (causal: the first range only) -- the ``sb`` compressed keys
-     on each side just beyond the images of blocks ``t-1 .. t+1``.
+   * the valid compressed keys ``p`` (``0 <= p < T_c``) of its two windows
+     ``t·s + lo <= p < t·s + hi``, ``(lo, hi)`` from :meth:`lhattn.LSG.sparse_windows` -- with
+     ``sparse_geometry="regular"`` ``[(t-1)·s - sb, (t-1)·s)`` and ``[(t+2)·s, (t+2)·s + sb)``,
+     the ``sb`` compressed keys on each side just beyond the images of blocks ``t-1 .. t+1``;
+     with ``"reference"`` (default) the windows of the layout's reference, which may be empty,
+     one-sided or shifted.  A key in both windows is counted twice (two columns), as in LSG.
 3. The compressed sequence (``T_c = ceil((N - o) / b) · s`` keys; global and padding tokens are
    not usable) is built by ``sparsity_type`` as described in :mod:`lhattn.selection`.
-This equals ``LSGSelfAttention`` of ``lsg_converter.attention_layers`` (inline, g = 1, sb = b)
-and of the ``LSG*Model`` classes (prepended, any g, sb; global rows non-causal) in eval mode,
-where LSG's own window arithmetic is regular: ``b / f`` even (or ``f = 1``), and ``f >= 4`` for
-``attention_layers``.
+
+With ``sparse_geometry="reference"`` this equals, in eval mode, ``LSGSelfAttention`` of
+``lsg_converter.attention_layers`` (inline, ``g = 1``, ``sb = b``; it has no ``lsh``) and the
+``LSGSelfAttention`` of the model files ``modeling_lsg_*.py`` (prepended, any ``g``, ``sb``;
+global rows non-causal), for every factor on which they run, up to the differences below
+(tests/test_lsg_exact.py: fp64 to 1e-8).
 
 Deliberate differences from LSG
 -------------------------------
-* Window: elsewhere LSG's index arithmetic slips -- ``attention_layers`` keeps no sparse key for
-  ``f = 2`` and only the left side for ``f = 3``; for ``b / f = 1`` (non-causal) the right window
-  overlaps blocks ``t``, ``t+1``; odd ``b / f > 1`` crashes.  We always apply rule 2.
 * Groups of ``pooling`` / ``bos_pooling`` with no usable token stay masked: LSG averages
   ``finfo.min`` mask values, which overflows to -inf in fp32 and *unmasks* such groups
   (end padding of ``f`` or more tokens).  (The model classes' ``pooling`` counts, like us.)
@@ -37,6 +39,8 @@ Deliberate differences from LSG
   (``c = min(b, sb)``) ``lsh`` is ``bos_pooling``, as LSG does for ``f == sb``.
 * ``bos_pooling`` scores use ``scale`` (LSG: ``D ** -0.5``, our default).  With GQA, selection
   runs per kv head and ``bos_pooling`` per query head (LSG's multi-query rule).
+* ``norm`` breaks ties between equal norms by position (LSG's ``topk`` / ``argsort`` order is
+  unspecified).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from ..patterns import LSG
 from ..selection import select_sparse
 from .core import masked_attention, repeat_kv
 
-__all__ = ["lsg_attention", "lsg_direct_mask", "lsg_sparse_mask"]
+__all__ = ["lsg_attention", "lsg_direct_mask", "lsg_sparse_masks"]
 
 
 def lsg_direct_mask(n: int, pattern: LSG, device=None) -> Tensor:
@@ -68,19 +72,17 @@ def lsg_direct_mask(n: int, pattern: LSG, device=None) -> Tensor:
     return torch.where(i < g, causal_ok, local | (j < g))
 
 
-def lsg_sparse_mask(n: int, t_c: int, pattern: LSG, device=None) -> Tensor:
-    """``[N, T_c]`` bool: query ``i`` may see compressed key ``p`` (its validity aside)."""
+def lsg_sparse_masks(n: int, t_c: int, pattern: LSG, device=None) -> tuple[Tensor, Tensor]:
+    """Two ``[N, T_c]`` bool: query ``i`` may see compressed key ``p`` through its left / right
+    window (the key's validity aside)."""
     i = torch.arange(n, device=device)[:, None]
     p = torch.arange(t_c, device=device)[None, :]
-    g, o, b, sb = pattern.num_global_tokens, pattern.block_offset, pattern.block_size, pattern.sparse_block_size
+    g, o, b = pattern.num_global_tokens, pattern.block_offset, pattern.block_size
     if n - o <= 2 * b:
-        return torch.zeros(n, t_c, dtype=torch.bool, device=device)
-    s = b // pattern.sparsity_factor
-    t = torch.div(i - o, b, rounding_mode="floor")
-    left = (p >= (t - 1) * s - sb) & (p < (t - 1) * s)
-    right = (p >= (t + 2) * s) & (p < (t + 2) * s + sb)
-    seen = left if pattern.causal else left | right
-    return seen & (i >= g)
+        none = torch.zeros(n, t_c, dtype=torch.bool, device=device)
+        return none, none
+    base = torch.div(i - o, b, rounding_mode="floor") * (b // pattern.sparsity_factor)  # t·s
+    return tuple((p >= base + lo) & (p < base + hi) & (i >= g) for lo, hi in pattern.sparse_windows())
 
 
 def lsg_attention(
@@ -94,8 +96,9 @@ def lsg_attention(
     dropout_p: float = 0.0,
     dropout_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Reference LSG attention (module docstring): keys ``[k ; compressed k]`` under one mask.
-    Attention dropout (``dropout_state``, :mod:`lhattn._dropout`) uses the columns of that matrix.
+    """Reference LSG attention (module docstring): keys ``[k ; compressed k ; compressed k]`` (the
+    compressed ones once per window) under one mask.  Attention dropout (``dropout_state``,
+    :mod:`lhattn._dropout`) uses the columns of ``[k ; compressed k]``: token position, ``N + p``.
 
     q: ``[B, H, N, D]``; k, v: ``[B, H_kv, N, D]``; key_padding_mask: ``[B, N]`` bool, True =
     padding.  Returns ``out [B, H, N, D]`` (q's dtype) and ``lse [B, H, N]`` (float32; float64
@@ -118,12 +121,16 @@ def lsg_attention(
     kc, vc = sparse.k, sparse.v
     if kc.shape[1] != k.shape[1]:  # bos_pooling under GQA: compressed keys per query head
         k, v = repeat_kv(k, h), repeat_kv(v, h)
-    smask = lsg_sparse_mask(n, kc.shape[2], pattern, q.device)[None, None] & sparse.valid[:, :, None, :] & rows
-    mask = torch.cat([mask.expand(-1, smask.shape[1], -1, -1), smask], dim=-1)  # [B, 1|H_kv|H, N, N+Tc]
+    valid_c = sparse.valid[:, :, None, :] & rows
+    left, right = (m[None, None] & valid_c for m in lsg_sparse_masks(n, kc.shape[2], pattern, q.device))
+    # keys [k ; compressed k (left window) ; compressed k (right window)]: a compressed key in both
+    # windows is counted twice, as LSG does
+    mask = torch.cat([mask.expand(-1, left.shape[1], -1, -1), left, right], dim=-1)  # [B, 1|H_kv|H, N, N+2Tc]
     if mask.shape[1] not in (1, h):
         mask = repeat_kv(mask, h)
     keep = None
-    if dropout_p > 0.0:
-        cols = torch.arange(n + kc.shape[2], device=q.device)
-        keep = _dropout.keep_mask(dropout_state, bsz, h, pos, cols)
-    return masked_attention(q, torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2), mask, scale, dropout_p, keep)
+    if dropout_p > 0.0:  # compressed key p is column N + p in either window
+        c = torch.arange(kc.shape[2], device=q.device) + n
+        keep = _dropout.keep_mask(dropout_state, bsz, h, pos, torch.cat([pos, c, c]))
+    return masked_attention(q, torch.cat([k, kc, kc], dim=2), torch.cat([v, vc, vc], dim=2), mask, scale, dropout_p,
+                            keep)
