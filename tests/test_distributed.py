@@ -208,8 +208,8 @@ def _byte_counts(rank):
 # halo tokens per rank (both sides) that the module docstrings promise: Segments(S) <= 2·(S - 1);
 # LSG <= 2·(2 + ceil(sb·f / b))·b (neighbour blocks plus the blocks that make the compressed keys)
 OTHER_BYTES = {"segments": (lhattn.Segments(6), 2 * 5),
-               "lsg": (lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="pooling", sparse_geometry="regular"),
-                       2 * 3 * 4),
+               "lsg": (lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="pooling",
+                                  sparse_geometry="regular"), 2 * 3 * 4),
                # reference windows ((-5, -1), (0, 4)), inside the regular span: the same bound
                "lsg_reference": (lhattn.LSG(block_size=4, sparsity_factor=4, sparsity_type="pooling",
                                             global_layout="prepended"), 2 * 6 * 4)}

@@ -10,8 +10,9 @@ from lhattn.reference.lsg import lsg_direct_mask, lsg_sparse_masks
 from lhattn.selection import compressed_length
 
 # (n, block, sparse block, factor, layout, globals, causal): regular, one-sided, shifted and overlapping windows
-CASES = [(67, 8, 8, 2, "inline", 1, False), (67, 8, 8, 2, "prepended", 2, False), (61, 6, 6, 3, "inline", 2, False),
-         (50, 4, 4, 4, "prepended", 1, False), (53, 6, 2, 1, "prepended", 1, False), (45, 8, 3, 1, "prepended", 2, False),
+CASES = [(67, 8, 8, 2, "inline", 1, False), (67, 8, 8, 2, "prepended", 2, False),
+         (61, 6, 6, 3, "inline", 2, False), (50, 4, 4, 4, "prepended", 1, False),
+         (53, 6, 2, 1, "prepended", 1, False), (45, 8, 3, 1, "prepended", 2, False),
          (49, 8, 2, 2, "prepended", 3, True), (40, 3, 3, 3, "inline", 1, True), (20, 8, 8, 2, "prepended", 5, False)]
 
 
