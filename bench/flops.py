@@ -47,36 +47,32 @@ def _segment_pairs(p: Segments, n: int, g: int) -> int:
 
 
 def _lsg_pairs(p: LSG, n: int) -> int:
-    """LSG, non-causal. Query block t sees blocks t-1..t+1 (minus the g global tokens), the g
-    globals, and ``sparse_block_size`` compressed keys on each side beyond its local blocks:
-    compressed positions ``[(t-1)·b/f - sb, (t-1)·b/f)`` and ``[(t+2)·b/f, (t+2)·b/f + sb)`` of the
-    compressed sequence (length ``ceil(n/b)·b/f``), counted when their source group starts
-    inside the sequence. ``n <= 2b``: full attention (LSG's rule). Checked against the block
-    masks of ccdv's ``LSGSelfAttention`` (sb = b): equal for ``norm``, ``pooling`` and ``none``
-    when n is a multiple of b and f >= 3; for ``stride`` / ``block_stride`` within 0.4% (a
-    compressed key taken from a global token is masked there). With f <= 2 ccdv's slicing
-    yields no sparse keys at all, so the benchmarks use f >= 3."""
-    b, f, g = p.block_size, p.sparsity_factor, min(p.num_global_tokens, n)
-    if p.causal:
-        raise NotImplementedError("useful-flop count for causal LSG is not implemented")
-    if n <= 2 * b:
-        return n * n
-    blocks = -(-n // b)
-    sparse = p.sparsity_type != "none" and p.sparse_block_size > 0
-    step = b // f if f <= b else 0
-    total = g * n
-    for t in range(blocks):
-        q0, q1 = max(t * b, g), min(n, (t + 1) * b)
+    """LSG (semantics: :mod:`lhattn.reference.lsg`), per block ``t`` of ``b`` rows starting at
+    ``o = p.block_offset``: the local keys ``[max(o + (t-1)·b, g), min(o + (t+2)·b, n))`` (``t+1`` and
+    ``j <= i`` when causal), the ``g`` globals, and the compressed keys ``[t·s + lo, t·s + hi)`` of
+    each window of :meth:`~lhattn.LSG.sparse_windows` (``s = b / f``; either ``sparse_geometry``; a key
+    in both windows is counted twice, as LSG computes it twice), counted when their group starts
+    inside the sequence (``p < ceil((n - o) / f)``).  Global queries and ``n - o <= 2b`` (LSG's
+    rule): every key (``j <= i`` when causal).  Compressed keys that padding or, inline, the global
+    tokens make unusable are counted (the count is for unpadded rows; inline, at most ``g / f``
+    keys per query too many)."""
+    b, f, o, g = p.block_size, p.sparsity_factor, p.block_offset, min(p.num_global_tokens, n)
+    if n - o <= 2 * b:
+        return n * (n + 1) // 2 if p.causal else n * n
+    total = g * (g + 1) // 2 if p.causal else g * n  # the global queries
+    step, valid = b // f, -(-(n - o) // f)  # compressed keys per block; those whose group starts before n
+    windows = [w for w in p.sparse_windows() if w[0] < w[1]]
+    for t in range(-(-(n - o) // b)):
+        q0, q1 = max(o + t * b, g), min(n, o + (t + 1) * b)
         if q1 <= q0:
             continue
-        k0, k1 = max(0, (t - 1) * b, g), min(n, (t + 2) * b)
-        keys = max(0, k1 - k0) + g
-        if sparse and step > 0:
-            valid = -(-n // f)  # compressed positions whose group starts before n
-            sb = p.sparse_block_size
-            for c0, c1 in (((t - 1) * step - sb, (t - 1) * step), ((t + 2) * step, (t + 2) * step + sb)):
-                keys += max(0, min(c1, valid) - max(c0, 0))
-        total += (q1 - q0) * keys
+        k0 = max(o + (t - 1) * b, g)
+        if p.causal:  # row i sees [k0, i]
+            local = (q1 - q0) * (q0 + q1 - 1) // 2 - (q1 - q0) * (k0 - 1)
+        else:
+            local = (q1 - q0) * (min(n, o + (t + 2) * b) - k0)
+        sparse = sum(max(0, min(t * step + hi, valid) - max(t * step + lo, 0)) for lo, hi in windows)
+        total += local + (q1 - q0) * (g + sparse)
     return total
 
 

@@ -40,6 +40,29 @@ def _split(x, sizes, rank, dim):
     return x.narrow(dim, start, sizes[rank])
 
 
+# LSG cases, each run in both sparse geometries; the comments give the reference windows
+# (LSG.sparse_windows()), which are one-sided, shifted or overlapping where the regular ones are not
+_LSG_CASES = {
+    # inline f=3: ((-8, -2), none) -- one-sided, non-causal
+    "lsg_norm_padding_dropout": (dict(block_size=6, sparsity_factor=3, sparsity_type="norm", num_global_tokens=2),
+                                 dict(padding=3, dropout=0.2)),
+    # s=1, causal: the left window only, ((-4, -1), none) in both geometries
+    "lsg_pooling_causal_prepended_gqa": (dict(block_size=3, sparsity_factor=3, causal=True, sparsity_type="pooling",
+                                              num_global_tokens=2, global_layout="prepended"), dict(heads=(4, 2))),
+    "lsg_lsh": (dict(block_size=4, sparse_block_size=4, sparsity_type="lsh", num_global_tokens=1,
+                     global_layout="prepended"), dict(padding=2)),
+    # s=1: ((-4, -1), (0, 3)) -- the right window shifted next to the block (regular (2, 5))
+    "lsg_stride_fp32": (dict(block_size=2, sparse_block_size=3, sparsity_type="stride", num_global_tokens=1,
+                             global_layout="prepended"), dict(dtype=torch.float32, dropout=0.1)),
+    # f=1: ((4, 6), (0, 2)) -- both windows inside the local ones, the "left" one to the right
+    "lsg_f1_overlapping": (dict(block_size=6, sparse_block_size=2, sparsity_factor=1, sparsity_type="pooling",
+                                num_global_tokens=1, global_layout="prepended"), dict(padding=2)),
+    # f=1: (none, (-4, -2)) -- one-sided, the "right" window behind the block
+    "lsg_f1_one_sided_dropout": (dict(block_size=4, sparse_block_size=2, sparsity_factor=1, sparsity_type="norm",
+                                      num_global_tokens=2, global_layout="prepended"), dict(dropout=0.2)),
+}
+
+
 # name -> pattern, dtype, heads (H, H_kv), globals (positions), padding (count at the end), dropout, segment ids
 def _cases(world):
     n = sum(SHARDS[world])
@@ -60,18 +83,12 @@ def _cases(world):
                                 heads=(4, 1), dropout=0.15),
         # no dropout_seed: each rank draws one from its own generator (seeded differently here); rank 0's is used
         "window_dropout_unseeded": dict(pattern=lhattn.SlidingWindow((2, 3)), dropout=0.3, unseeded=True),
-        "lsg_norm_padding_dropout": dict(pattern=lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="norm",
-                                                            num_global_tokens=2), padding=3, dropout=0.2),
-        "lsg_pooling_causal_prepended_gqa": dict(pattern=lhattn.LSG(block_size=3, sparsity_factor=3, causal=True,
-                                                                    sparsity_type="pooling", num_global_tokens=2,
-                                                                    global_layout="prepended"), heads=(4, 2)),
-        "lsg_lsh": dict(pattern=lhattn.LSG(block_size=4, sparse_block_size=4, sparsity_type="lsh",
-                                           num_global_tokens=1), padding=2),
-        "lsg_stride_fp32": dict(pattern=lhattn.LSG(block_size=2, sparse_block_size=3, sparsity_type="stride"),
-                                dtype=torch.float32, dropout=0.1),
         "lsg_short_full_attention": dict(pattern=lhattn.LSG(block_size=16, num_global_tokens=1, causal=True),
                                          padding=2),
     }
+    for geometry in ("reference", "regular"):
+        for name, (pattern, extra) in _LSG_CASES.items():
+            cases[f"{name}_{geometry}"] = dict(pattern=lhattn.LSG(**pattern, sparse_geometry=geometry), **extra)
     return cases
 
 
@@ -191,7 +208,11 @@ def _byte_counts(rank):
 # halo tokens per rank (both sides) that the module docstrings promise: Segments(S) <= 2·(S - 1);
 # LSG <= 2·(2 + ceil(sb·f / b))·b (neighbour blocks plus the blocks that make the compressed keys)
 OTHER_BYTES = {"segments": (lhattn.Segments(6), 2 * 5),
-               "lsg": (lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="pooling"), 2 * 3 * 4)}
+               "lsg": (lhattn.LSG(block_size=4, sparse_block_size=2, sparsity_type="pooling",
+                                  sparse_geometry="regular"), 2 * 3 * 4),
+               # reference windows ((-5, -1), (0, 4)), inside the regular span: the same bound
+               "lsg_reference": (lhattn.LSG(block_size=4, sparsity_factor=4, sparsity_type="pooling",
+                                            global_layout="prepended"), 2 * 6 * 4)}
 
 
 def _other_byte_counts(rank):
@@ -439,9 +460,9 @@ def test_ranks_must_agree(tmp_path_factory):
 def test_bad_calls_raise_without_spawning():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(NotImplementedError, match="bos_pooling"):
-        context_parallel_attention(q, q, q, lhattn.LSG(block_size=2, sparsity_type="bos_pooling"))
+        context_parallel_attention(q, q, q, lhattn.LSG(block_size=3, sparsity_factor=3, sparsity_type="bos_pooling"))
     with pytest.raises(ValueError, match="global_mask is not used by LSG"):
-        context_parallel_attention(q, q, q, lhattn.LSG(block_size=2), global_mask=torch.zeros(1, 8, dtype=torch.bool))
+        context_parallel_attention(q, q, q, lhattn.LSG(block_size=4), global_mask=torch.zeros(1, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="pattern must be SlidingWindow, Segments or LSG"):
         context_parallel_attention(q, q, q, "window")
     with pytest.raises(ValueError, match="segment_ids"):

@@ -229,9 +229,7 @@ def test_training_step_reaches_global_tokens(expected):
 @pytest.mark.parametrize("kwargs, exc, words", [
     (dict(sparsity_type="random"), ValueError, "sparsity_type='random'"),
     (dict(block_size=6, sparse_block_size=6), ValueError, "= 3 is odd"),
-    (dict(block_size=8, sparse_block_size=8, sparsity_factor=8), ValueError, "= 1 is not supported"),
     (dict(block_size=8, sparsity_factor=3), ValueError, "must divide block_size"),
-    (dict(sparse_block_size=2), ValueError, "sparse_block_size=2 < 3/4"),
     (dict(num_global_tokens=0), ValueError, "num_global_tokens"),
     (dict(num_global_tokens=513), ValueError, "num_global_tokens"),
     (dict(block_size=8.0), TypeError, "block_size"),

@@ -6,9 +6,12 @@ blocks ``t0 .. t1`` needs, besides its shard:
 
 * the local keys of blocks ``t0 - 1 .. t1 + 1`` (``t1`` when causal) -- at most ``2·b`` tokens of
   halo on each side;
-* the tokens that make its compressed keys ``[(t0-1)·s - sb, (t1+2)·s + sb)`` (left part only when
-  causal), rounded out to whole blocks -- in all at most ``(2 + ceil(sb·f / b))·b`` tokens per side
-  (this one and the one above).  It computes
+* the tokens that make its compressed keys ``[t0·s + lo, t1·s + hi)``, ``lo`` / ``hi`` the lowest /
+  highest offset of the non-empty windows of :meth:`lhattn.LSG.sparse_windows` (either
+  ``sparse_geometry``; regular: ``[(t0-1)·s - sb, (t1+2)·s + sb)``, the left part only when causal),
+  rounded out to whole blocks.  The reference windows (shifted, one-sided or overlapping) lie
+  inside the regular span ``[-s - sb, 2s + sb)``, so in all at most ``(2 + ceil(sb·f / b))·b`` tokens
+  per side (this one and the one above).  It computes
   those compressed keys itself (:func:`lhattn.selection.select_sparse` on a block-aligned slice of
   the sequence, with the global tokens marked unusable), so a pooling group or a ``norm`` / ``lsh``
   chunk is never split between ranks;
@@ -69,6 +72,11 @@ def _t_c(pattern: LSG, n: int) -> int:
     return n - pattern.block_offset if pattern.sparsity_factor == 1 else compressed_length(n, pattern)
 
 
+def _windows(pattern: LSG) -> List[Tuple[int, int]]:
+    """The non-empty sides of :meth:`lhattn.LSG.sparse_windows` (none without sparse keys)."""
+    return [w for w in pattern.sparse_windows() if w[0] < w[1]]
+
+
 def _need(pattern: LSG, n: int, s: int, e: int) -> _Need:
     b, o, g = pattern.block_size, pattern.block_offset, min(pattern.num_global_tokens, n)
     if n - o <= 2 * b:
@@ -80,10 +88,11 @@ def _need(pattern: LSG, n: int, s: int, e: int) -> _Need:
     lo = min(s, max(o + (t0 - 1) * b, g))
     hi = max(e, min(o + (t1 + (1 if pattern.causal else 2)) * b, n))
     beta_lo = beta_hi = 0
-    if pattern.has_sparse_keys:
-        sc, sb = b // pattern.sparsity_factor, pattern.sparse_block_size
-        p_lo = max(0, (t0 - 1) * sc - sb)
-        p_hi = min(_t_c(pattern, n), (t1 - 1) * sc if pattern.causal else (t1 + 2) * sc + sb)
+    sides = _windows(pattern)
+    if sides:
+        sc = b // pattern.sparsity_factor
+        p_lo = max(0, t0 * sc + min(w_lo for w_lo, _ in sides))
+        p_hi = min(_t_c(pattern, n), t1 * sc + max(w_hi for _, w_hi in sides))
         if p_lo < p_hi:
             beta_lo, beta_hi = p_lo // sc, -(-p_hi // sc)
             lo, hi = min(lo, o + beta_lo * b), max(hi, min(n, o + beta_hi * b))
@@ -135,7 +144,7 @@ class _HaloLSGPlan:
         first = max(s, g)
         if first >= e:
             return
-        sc, sb = b // p.sparsity_factor, p.sparse_block_size
+        sc, windows = b // p.sparsity_factor, p.sparse_windows()
         for t in range((first - o) // b, (e - 1 - o) // b + 1):
             r0, r1 = max(o + t * b, first), min(o + (t + 1) * b, e)
             if r0 >= r1:
@@ -144,9 +153,8 @@ class _HaloLSGPlan:
             keys = [KeyBlock(index=slice(k0 - lo, k1 - lo), mask=self._key_mask(r0, r1, k0, k1, p.causal)),
                     None, None, None]
             if self.sparse is not None:
-                keys[1] = self._sparse_block(r0, r1, (t - 1) * sc - sb, (t - 1) * sc)
-                if not p.causal:
-                    keys[2] = self._sparse_block(r0, r1, (t + 2) * sc, (t + 2) * sc + sb)
+                for side, (w_lo, w_hi) in enumerate(windows, start=1):
+                    keys[side] = self._sparse_block(r0, r1, t * sc + w_lo, t * sc + w_hi)
             if self.gslots is not None:
                 rows = None if self.valid_q is None else self.valid_q[:, r0 - s:r1 - s]
                 keys[3] = global_key_block(self.gslots, rows)
@@ -165,7 +173,8 @@ def _compressed(pattern: LSG, n: int, need: _Need, k_ext: Tensor, v_ext: Tensor,
     usable = (torch.arange(t0, t1, device=k_ext.device) >= g)[None].expand(k_ext.shape[0], -1)
     if valid_ext is not None:
         usable = usable & valid_ext[:, t0 - need.lo:t1 - need.lo]
-    sub = dataclasses.replace(pattern, num_global_tokens=0, global_layout="inline")  # the slice starts a block
+    # the slice starts a block; the layout is kept (the prepended pooling rounds its epsilon to float32)
+    sub = dataclasses.replace(pattern, num_global_tokens=0)
     return select_sparse(ks, ks, vs, sub, key_padding_mask=~usable, scale=scale, impl="ops")
 
 

@@ -27,7 +27,9 @@ What holds (tests/test_lsg_checkpoint.py, against outputs of lsg_converter 0.1.9
 transformers 4.44.2 committed in tests/fixtures/lsg/): on non-padding tokens, ``last_hidden_state``,
 ``pooler_output`` and the sequence-classification logits equal the reference's to fp32 relative
 error <= 1e-5, for every sparsity type, short (full-attention) inputs, ``sparse_block_size`` below
-and above ``block_size``, ``mask_first_token`` and ``pool_with_global=False``.  Differences, by
+and above ``block_size``, the model files' irregular windows (``block_size / sparsity_factor == 1``,
+``sparse_block_size < 3/4 * block_size / sparsity_factor``: the pattern's default
+``sparse_geometry="reference"``), ``mask_first_token`` and ``pool_with_global=False``.  Differences, by
 design:
 
 * padding rows: lhattn's attention output there is 0, LSG's is a value nobody reads;
@@ -45,9 +47,7 @@ design:
 
 Not supported (``ValueError`` naming the setting): decoders (``is_decoder=True``: LSG's causal
 global rows output the query itself), cross-attention, non-absolute position embeddings, unknown
-sparsity types, the geometries where LSG's model code slices its sparse windows irregularly
-(``block_size / sparsity_factor`` odd: LSG fails above 1 and moves its right window onto the local
-blocks at 1; ``sparse_block_size < 3/4 * block_size / sparsity_factor``: short or empty windows),
+sparsity types, ``block_size / sparsity_factor`` odd and above 1 (LSG's model code fails there),
 and ``mask_first_token`` with ``bos_pooling`` (whose pooling query is the masked first token).
 ``transformers`` is imported only when :func:`from_lsg_checkpoint` runs.
 """
@@ -122,18 +122,10 @@ def _check_settings(config) -> None:
         raise ValueError(f"LSG setting sparsity_factor={config.sparsity_factor} must divide "
                          f"block_size={config.block_size}")
     step = config.block_size // max(config.sparsity_factor, 1)  # compressed keys per block
-    if _pattern_type(config) != "none" and step % 2:
-        if step > 1:
-            raise ValueError(f"block_size / sparsity_factor = {config.block_size} / {config.sparsity_factor} = {step} "
-                             "is odd: LSG's model code fails there (its sparse windows need an even number of "
-                             "compressed keys per block, or exactly 1)")
-        raise ValueError(f"block_size / sparsity_factor = {config.block_size} / {config.sparsity_factor} = 1 is not "
-                         "supported: LSG's model code then shifts its right sparse window onto the local blocks, "
-                         "which lhattn's LSG pattern does not reproduce")
-    if _pattern_type(config) != "none" and 4 * config.sparse_block_size < 3 * step:
-        raise ValueError(f"sparse_block_size={config.sparse_block_size} < 3/4 * block_size / sparsity_factor "
-                         f"(= 3/4 * {step}) is not supported: LSG's model code then slices its sparse windows "
-                         "short or empty, which lhattn's LSG pattern does not reproduce")
+    if _pattern_type(config) != "none" and step % 2 and step > 1:
+        raise ValueError(f"block_size / sparsity_factor = {config.block_size} / {config.sparsity_factor} = {step} "
+                         "is odd: LSG's model code fails there (its sparse windows need an even number of "
+                         "compressed keys per block, or exactly 1)")
     if config.mask_first_token and not config.pool_with_global:
         raise ValueError("LSG setting mask_first_token=True needs pool_with_global=True (LSG's config forces it)")
     if config.mask_first_token and _pattern_type(config) in ("bos_pooling",):
