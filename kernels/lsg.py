@@ -70,7 +70,7 @@ from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
                     dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, dropout_scale, next_power_of_2,
                     split_scale)
-from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
+from .sliding_window import _SMEM_BUDGET, _tile_cost, add_global_key_grads, sliding_window_bwd, sliding_window_fwd
 
 __all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -93,36 +93,57 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
-_FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-               (32, 16, 2, 2), (16, 16, 2, 2)]
-_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2),
-                (16, 32, 2, 2), (16, 16, 2, 2)]
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
+               (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 2)]
+_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                (32, 32, 4, 2), (16, 32, 2, 2), (16, 16, 2, 2)]
+
+_REG_BUDGET = {"fwd": 80, "dq": 96, "dkdv": 144}
+"""Largest :func:`.sliding_window._tile_cost` register estimate a kept LSG config may have, per kernel
+kind: below the sliding window's budgets, because LSG's forward and dq kernels carry six band
+walks (three local, two compressed-key windows, the global keys) and its dk/dv kernels two.
+Calibrated on sm_90 with ``python -m bench.sm90 --family lsg``: the spilling configs measured there
+are over it (fwd 128x64/4w at D = 64: 128; fwd 64x64/4w at D = 128: 96; dq 64x64/4w at D = 128:
+128; dkdv_local 32x128/8w at D = 128: 160)."""
 
 
-def _pruner(tile: str, bound: str):
-    """Keep configs whose tiles fit the head dim / dtype and whose ``tile`` axis (the one a
-    program owns) is not much longer than the ``bound`` argument (an LSG block, ``Tc``)."""
+def _pruner(kind: str, tile: str, bound: str):
+    """The autotuner's early pruner for one LSG kernel kind (``kind``: "fwd", "dq" or "dkdv"): the
+    sliding window's register / shared-memory model (:func:`.sliding_window._tile_cost`) against
+    :data:`_REG_BUDGET`; 8 warps only on a 128-row accumulator tile; at D >= 128 tiles of fewer than
+    64 accumulator rows (mma.sync) only as the last resort; and the ``tile`` axis (the one a program
+    owns) not much longer than the ``bound`` argument (an LSG block, ``Tc``).  The smallest tile if
+    none fits."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
         q = args.get("Q")
-        limit = 128 * 64 * 64 // max(d, 16)
-        if q is not None and q.dtype == torch.float64:
-            limit //= 4
+        elem = q.element_size() if q is not None else 2
         cap = max(16, next_power_of_2(int(args[bound])))
-        kept = [c for c in configs
-                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit and c.kwargs[tile] <= cap]
+
+        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
+            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
+
+        def fits(c):
+            regs, smem = _tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d,
+                                    elem)
+            return (regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
+                    and c.kwargs[tile] <= cap)
+        kept = [c for c in configs if fits(c)]
+        if d >= 128 and any(rows(c) >= 64 for c in kept):
+            kept = [c for c in kept if rows(c) >= 64]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
 
 
-def _tuned(shapes, key, tile: str, bound: str):
-    """Autotune on CUDA; plain kernel (block sizes passed at launch) under the interpreter."""
+def _tuned(shapes, key, kind: str, tile: str, bound: str):
+    """Autotune on CUDA (pruned by :func:`_pruner`); plain kernel (block sizes passed at launch) under
+    the interpreter."""
     def wrap(fn):
         if INTERPRET:
             return fn
         return triton.autotune(configs=_configs(shapes), key=key,
-                               prune_configs_by={"early_config_prune": _pruner(tile, bound)})(fn)
+                               prune_configs_by={"early_config_prune": _pruner(kind, tile, bound)})(fn)
     return wrap
 
 
@@ -159,8 +180,8 @@ def _block_span(p_first, p_last, w_lo, w_hi, sparse_step, wrap, n_blocks):
     return tl.where(empty, 0, t_lo), tl.where(empty, 0, t_hi)
 
 
-@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
-        bound="block_size")
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], kind="fwd",
+        tile="BLOCK_M", bound="block_size")
 @triton.jit
 def _lsg_fwd_kernel(
     Q, K, V, KC, VC, SV, KM, O, LSE, DROP,
@@ -275,8 +296,8 @@ def _lsg_fwd_kernel(
     tl.store(p_l + o_m.to(tl.int64) * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
-        bound="block_size")
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], kind="dq",
+        tile="BLOCK_M", bound="block_size")
 @triton.jit
 def _lsg_bwd_dq_kernel(
     Q, K, V, KC, VC, SV, KM, DO, LSE, DELTA, DQ, DROP,
@@ -390,7 +411,8 @@ def _lsg_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], tile="BLOCK_N", bound="block_size")
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], kind="dkdv", tile="BLOCK_N",
+        bound="block_size")
 @triton.jit
 def _lsg_bwd_dkdv_local_kernel(
     Q, K, V, DO, LSE, DELTA, KM, DKI, DVI, DK, DV, DROP,
@@ -554,8 +576,8 @@ def _sparse_dkdv_heads(
     return b_dk, b_dv
 
 
-@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL", "DROPOUT"], tile="BLOCK_N",
-        bound="n_c")
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL", "DROPOUT"], kind="dkdv",
+        tile="BLOCK_N", bound="n_c")
 @triton.jit
 def _lsg_bwd_dkdv_sparse_kernel(
     Q, KC, VC, SV, DO, LSE, DELTA, DKC, DVC, DROP,
