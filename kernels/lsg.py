@@ -539,30 +539,42 @@ def _sparse_dkdv_heads(
     zeroes the keys the forward never saw).  ``DROPOUT``: as there; the keys' columns are
     ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``."""
     n_blk = tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_M)
-    for it in range(0, n_blk * n_heads):
-        i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
-        o_i = row_lo + (it // n_heads) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    # Loop-carried, so that the loop holds no integer divide: the head ``i_h`` and, per row of the
+    # tile, its LSG block ``b_t`` and offset ``b_r`` in it.  The tile advances by ``BLOCK_M = q_step·b
+    # + r_step`` rows once every ``n_heads`` steps; these divides are done once, here.
+    o_i = row_lo + tl.arange(0, BLOCK_M)  # [BM]
+    b_t = (o_i - block_offset) // block_size  # [BM], rows >= block_offset
+    b_r = (o_i - block_offset) - b_t * block_size
+    q_step = BLOCK_M // block_size
+    r_step = BLOCK_M - q_step * block_size
+    i_h = row_lo * 0  # int32 scalar
+    # a window [lo, hi) as ``(rel - lo) as uint32 < hi - lo``: one subtract, one compare per element
+    l_span = tl.maximum(left_hi - left_lo, 0).to(tl.uint32)
+    r_span = tl.maximum(right_hi - right_lo, 0).to(tl.uint32)
+    for _ in range(0, n_blk * n_heads):
+        i_hq = tl.cast(i_h0 + i_h, tl.int64)
         m_i = o_i < row_hi
         o_pos = o_i.to(tl.int64)
-        b_q = tl.load(p_q + i_h * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
+        b_q = tl.load(p_q + i_hq * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
                       other=0.0)  # [BM, D]
-        b_do = tl.load(p_do + i_h * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None],
+        b_do = tl.load(p_do + i_hq * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None],
                        other=0.0)
-        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
+        # rows past row_hi: q = 0 and lse = +inf, so their p is 0 without a per-element row mask
+        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_hq * stride_lh, p_delta + i_hq * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, True, USE_EXP2)
-        base = ((o_i - block_offset) // block_size) * sparse_step  # [BM] t·s of each row
-        rel = o_c[:, None] - base[None, :]  # [BN, BM]
-        m_l = (rel >= left_lo) & (rel < left_hi)
-        mult = tl.where(m_l, 1.0, 0.0)  # a key in both windows counts twice, as in the forward
+        rel = o_c[:, None] - (b_t * sparse_step)[None, :]  # [BN, BM]: key minus its row's t·s
+        b_st = _mm(b_k, tl.trans(b_q), None)  # [BN, BM], unscaled unless the float64 split scale is on
+        if EXACT_SCALE:
+            b_e = _exp(_scale(b_st, qk_scale, qk_scale_lo, EXACT_SCALE) - b_lse[None, :], USE_EXP2)
+        else:
+            b_e = _exp(b_st * qk_scale - b_lse[None, :], USE_EXP2)
+        # P once per window of the row's block that holds the key (a key in both counts twice, as in
+        # the forward); selects, not a multiply, so that an overflowed exp of an unseen key stays out
+        b_pt = tl.where((rel - left_lo).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
         if not CAUSAL:
-            m_r = (rel >= right_lo) & (rel < right_hi)
-            m_l = m_l | m_r
-            mult += tl.where(m_r, 1.0, 0.0)
-        b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
-        b_st = tl.where(m_l & m_i[None, :], b_st, float("-inf"))
-        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2) * mult  # [BN, BM]
+            b_pt += tl.where((rel - right_lo).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
         if DROPOUT:
-            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_pos)  # [BM]
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_hq), o_pos)  # [BM]
             b_keep_t = dropout_keep(b_kcol, b_rk, drop_thresh)  # [BN, BM]: the hash's xor is symmetric
             b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
             b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
@@ -573,6 +585,15 @@ def _sparse_dkdv_heads(
             b_dpt = tl.where(b_keep_t, _scale(b_dpt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
+        # next head; after the last one, the next row tile
+        i_h += 1
+        wrap = i_h == n_heads
+        i_h = tl.where(wrap, 0, i_h)
+        b_r_next = b_r + r_step
+        carry = b_r_next >= block_size
+        b_r = tl.where(wrap, tl.where(carry, b_r_next - block_size, b_r_next), b_r)
+        b_t = tl.where(wrap, b_t + q_step + carry.to(tl.int32), b_t)
+        o_i = tl.where(wrap, o_i + BLOCK_M, o_i)
     return b_dk, b_dv
 
 
