@@ -106,20 +106,25 @@ Calibrated on sm_90 with ``python -m bench.sm90 --family lsg``: the spilling con
 are over it (fwd 128x64/4w at D = 64: 128; fwd 64x64/4w at D = 128: 96; dq 64x64/4w at D = 128:
 128; dkdv_local 32x128/8w at D = 128: 160)."""
 
+_CAUSAL_LOCAL_DKDV_BUDGET = 120
+""":data:`_REG_BUDGET` of the causal local dk/dv kernel (``bench.sm90``: 64x128/8w at D = 64, model 128,
+took 255 registers and spilled 16 B causal, 248 and none otherwise)."""
 
-def _pruner(kind: str, tile: str, bound: str):
+
+def _pruner(kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
     """The autotuner's early pruner for one LSG kernel kind (``kind``: "fwd", "dq" or "dkdv"): the
     sliding window's register / shared-memory model (:func:`.sliding_window._tile_cost`) against
     :data:`_REG_BUDGET`; 8 warps only on a 128-row accumulator tile; at D >= 128 tiles of fewer than
     64 accumulator rows (mma.sync) only as the last resort; and the ``tile`` axis (the one a program
-    owns) not much longer than the ``bound`` argument (an LSG block, ``Tc``).  The smallest tile if
-    none fits."""
+    owns) not much longer than the ``bound`` argument (an LSG block, ``Tc``); ``causal_budget``
+    replaces the budget of a ``CAUSAL`` launch.  The smallest tile if none fits."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
         q = args.get("Q")
         elem = q.element_size() if q is not None else 2
         cap = max(16, next_power_of_2(int(args[bound])))
+        budget = causal_budget if causal_budget is not None and args.get("CAUSAL") else _REG_BUDGET[kind]
 
         def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
             return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
@@ -127,7 +132,7 @@ def _pruner(kind: str, tile: str, bound: str):
         def fits(c):
             regs, smem = _tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d,
                                     elem)
-            return (regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
+            return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
                     and c.kwargs[tile] <= cap)
         kept = [c for c in configs if fits(c)]
         if d >= 128 and any(rows(c) >= 64 for c in kept):
@@ -136,14 +141,14 @@ def _pruner(kind: str, tile: str, bound: str):
     return prune
 
 
-def _tuned(shapes, key, kind: str, tile: str, bound: str):
+def _tuned(shapes, key, kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
     """Autotune on CUDA (pruned by :func:`_pruner`); plain kernel (block sizes passed at launch) under
     the interpreter."""
     def wrap(fn):
         if INTERPRET:
             return fn
         return triton.autotune(configs=_configs(shapes), key=key,
-                               prune_configs_by={"early_config_prune": _pruner(kind, tile, bound)})(fn)
+                               prune_configs_by={"early_config_prune": _pruner(kind, tile, bound, causal_budget)})(fn)
     return wrap
 
 
@@ -260,9 +265,9 @@ def _lsg_fwd_kernel(
         b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     if HAS_SPARSE:
-        # compressed keys: every row of the block sees the same interval of at most sb keys,
-        # masked by the selection's validity anyway, so one masked range per side (blocks start
-        # at c_begin: no alignment needed, and the range check costs nothing next to it)
+        # compressed keys: every row of the block sees the same interval of at most sb keys, masked
+        # by the selection's validity anyway; tiles start at c_begin (no alignment needed), the
+        # whole ones take the unmasked path (the validity mask only), the last partial one the masked
         i_hc = i_h // heads_per_c
         p_kc = KC + i_b.to(tl.int64) * stride_kcb + i_hc.to(tl.int64) * stride_kch
         p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
@@ -272,11 +277,17 @@ def _lsg_fwd_kernel(
                 c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
             else:  # right window; regular: [(t+2)s, (t+2)s + sb)
                 c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
-            acc, m_i, l_i = attn_fwd_range(
-                acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
-                o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
-                BLOCK_N, True, True, EXACT_SCALE, USE_EXP2,
-                b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
+            c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
+            for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
+                if part == 0:
+                    j_lo, j_hi = c_begin, c_full
+                else:
+                    j_lo, j_hi = c_full, c_end
+                acc, m_i, l_i = attn_fwd_range(
+                    acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
+                    o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
+                    BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2,
+                    b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
 
     # global keys [0, g): few, always edge-masked
     acc, m_i, l_i = attn_fwd_range(
@@ -388,11 +399,17 @@ def _lsg_bwd_dq_kernel(
                 c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
             else:
                 c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
-            b_dq = attn_bwd_dq_range(
-                b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
-                o_d * stride_kcd, o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big,
-                qk_scale, qk_scale_lo, BLOCK_N, True, True, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=n,
-                drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+            c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
+            for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
+                if part == 0:
+                    j_lo, j_hi = c_begin, c_full
+                else:
+                    j_lo, j_hi = c_full, c_end
+                b_dq = attn_bwd_dq_range(
+                    b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
+                    o_d * stride_kcd, o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big,
+                    qk_scale, qk_scale_lo, BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=n,
+                    drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
 
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
@@ -412,7 +429,7 @@ def _lsg_bwd_dq_kernel(
 
 
 @_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], kind="dkdv", tile="BLOCK_N",
-        bound="block_size")
+        bound="block_size", causal_budget=_CAUSAL_LOCAL_DKDV_BUDGET)
 @triton.jit
 def _lsg_bwd_dkdv_local_kernel(
     Q, K, V, DO, LSE, DELTA, KM, DKI, DVI, DK, DV, DROP,
@@ -548,9 +565,12 @@ def _sparse_dkdv_heads(
     q_step = BLOCK_M // block_size
     r_step = BLOCK_M - q_step * block_size
     i_h = row_lo * 0  # int32 scalar
-    # a window [lo, hi) as ``(rel - lo) as uint32 < hi - lo``: one subtract, one compare per element
+    # key p is in its row's window [t·s + lo, t·s + hi) iff (p - lo) - t·s, as uint32, < hi - lo:
+    # one subtract and one compare per element and window
     l_span = tl.maximum(left_hi - left_lo, 0).to(tl.uint32)
     r_span = tl.maximum(right_hi - right_lo, 0).to(tl.uint32)
+    o_cl = (o_c - left_lo)[:, None]  # [BN, 1]
+    o_cr = (o_c - right_lo)[:, None]
     for _ in range(0, n_blk * n_heads):
         i_hq = tl.cast(i_h0 + i_h, tl.int64)
         m_i = o_i < row_hi
@@ -562,7 +582,7 @@ def _sparse_dkdv_heads(
         # rows past row_hi: q = 0 and lse = +inf, so their p is 0 without a per-element row mask
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_hq * stride_lh, p_delta + i_hq * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, True, USE_EXP2)
-        rel = o_c[:, None] - (b_t * sparse_step)[None, :]  # [BN, BM]: key minus its row's t·s
+        b_base = (b_t * sparse_step)[None, :]  # [1, BM]: t·s of each row
         b_st = _mm(b_k, tl.trans(b_q), None)  # [BN, BM], unscaled unless the float64 split scale is on
         if EXACT_SCALE:
             b_e = _exp(_scale(b_st, qk_scale, qk_scale_lo, EXACT_SCALE) - b_lse[None, :], USE_EXP2)
@@ -570,9 +590,9 @@ def _sparse_dkdv_heads(
             b_e = _exp(b_st * qk_scale - b_lse[None, :], USE_EXP2)
         # P once per window of the row's block that holds the key (a key in both counts twice, as in
         # the forward); selects, not a multiply, so that an overflowed exp of an unseen key stays out
-        b_pt = tl.where((rel - left_lo).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
+        b_pt = tl.where((o_cl - b_base).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
         if not CAUSAL:
-            b_pt += tl.where((rel - right_lo).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
+            b_pt += tl.where((o_cr - b_base).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
         if DROPOUT:
             b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_hq), o_pos)  # [BM]
             b_keep_t = dropout_keep(b_kcol, b_rk, drop_thresh)  # [BN, BM]: the hash's xor is symmetric
