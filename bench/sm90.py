@@ -1,6 +1,7 @@
 """Static sm_90 (H100) report of every lhattn Triton kernel, without a GPU or a driver.
 
     python -m bench.sm90 [--quick | --full] [--out DIR] [--family sliding_window,segment,lsg]
+                         [--kernel lsg_fwd,...] [--head-dim 64,128]
 
 How: the real launchers (:mod:`kernels.sliding_window`, :mod:`kernels.segment`, :mod:`kernels.lsg`)
 are called on ``meta`` tensors of a realistic shape (``B·H = 64``, ``n = 16384``, window
@@ -447,10 +448,11 @@ def sass_loops(instrs: List[Tuple[int, str, Optional[int]]]) -> List[dict]:
 
 
 def _lsg_plan(c: dict) -> Tuple[str, ...]:
-    """Local band, one compressed-key loop per side, the global keys (no loop when ``g == 1``: the
-    launch specialises ``n_global == 1`` to a constant and the loop is one tile)."""
+    """Local band, per compressed-key side its whole tiles (unmasked but for the validity mask) and
+    its partial last tile, the global keys (no loop when ``g == 1``: the launch specialises
+    ``n_global == 1`` to a constant and the loop is one tile)."""
     sides = (1 if c.get("CAUSAL") else 2) if c.get("HAS_SPARSE") else 0
-    return _BAND3 + ("sparse",) * sides + (("global",) if c.get("n_global") != 1 else ())
+    return _BAND3 + ("sparse_full", "sparse_edge") * sides + (("global",) if c.get("n_global") != 1 else ())
 
 
 # which inner loops a kernel has, in program order (before the family's extra loops)
@@ -627,8 +629,10 @@ def _config_name(config) -> str:
 
 
 def run(mode: str, families: List[str], log=print, reference: bool = True,
-        on_record: Optional[Callable[[List[dict], int], None]] = None) -> List[dict]:
-    """Record, compile and analyse the variants of ``mode``; ``on_record(records, n_jobs)`` after each."""
+        on_record: Optional[Callable[[List[dict], int], None]] = None, kernels_only: Optional[List[str]] = None,
+        dims: Optional[List[int]] = None) -> List[dict]:
+    """Record, compile and analyse the variants of ``mode``; ``on_record(records, n_jobs)`` after each.
+    ``kernels_only`` (short kernel names, e.g. ``lsg_fwd``) and ``dims`` (head dims) restrict the matrix."""
     records: List[dict] = []
     seen = set()
     jobs: List[Tuple[Launch, Optional[triton.Config], torch.dtype, int]] = []
@@ -642,6 +646,8 @@ def run(mode: str, families: List[str], log=print, reference: bool = True,
                     jobs.append((launch, launch.configs[0], torch.bfloat16, d))
                     ranks.append(-1)
     for fam, dtype, d, variant, kernels, cfgs in matrix(mode, families):
+        if dims is not None and d not in dims:
+            continue
         try:
             launches = record(fam, dtype, d, variant)
         except Exception as exc:
@@ -650,6 +656,8 @@ def run(mode: str, families: List[str], log=print, reference: bool = True,
             continue
         for launch in launches:
             if kernels is not None and _short(launch.fn.__name__) not in kernels:
+                continue
+            if kernels_only is not None and _short(launch.fn.__name__) not in kernels_only:
                 continue
             configs = launch.configs if launch.configs is not None else [None]
             if isinstance(cfgs, int):
@@ -822,6 +830,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "dtype, head dim and flag variant (see matrix())")
     g.add_argument("--ci", action="store_true", help="three variants (the CI test's set)")
     p.add_argument("--family", default="sliding_window,segment,lsg")
+    p.add_argument("--kernel", default=None, help="comma-separated kernel names to compile (e.g. lsg_fwd,lsg_bwd_dq; "
+                   "default: all of the mode's)")
+    p.add_argument("--head-dim", default=None, help="comma-separated head dims to compile (default: the mode's)")
     p.add_argument("--out", default=None, help="directory for sm90.json and sm90.md (default: print only)")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--annotate", metavar="JSON", help="mark the records of a report by whether today's pruners "
@@ -861,8 +872,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f.write(md)
         return md
 
+    kernels_only = [k for k in args.kernel.split(",") if k] if args.kernel else None
+    try:
+        dims = [int(x) for x in args.head_dim.split(",") if x] if args.head_dim else None
+    except ValueError:
+        p.error(f"--head-dim: expected comma-separated integers, got {args.head_dim!r}")
     records = run(mode, families, log=lambda s: print(s, flush=True), reference=not args.no_reference,
-                  on_record=write if args.out else None)
+                  on_record=write if args.out else None, kernels_only=kernels_only, dims=dims)
     md = write(records, len(records))
     if not args.out:
         print(md)

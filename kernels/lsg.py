@@ -70,7 +70,7 @@ from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
                     dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, dropout_scale, next_power_of_2,
                     split_scale)
-from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
+from .sliding_window import _SMEM_BUDGET, _tile_cost, add_global_key_grads, sliding_window_bwd, sliding_window_fwd
 
 __all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -93,36 +93,62 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
-_FWD_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-               (32, 16, 2, 2), (16, 16, 2, 2)]
-_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2),
-                (16, 32, 2, 2), (16, 16, 2, 2)]
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
+               (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 2)]
+_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                (32, 32, 4, 2), (16, 32, 2, 2), (16, 16, 2, 2)]
+
+_REG_BUDGET = {"fwd": 80, "dq": 96, "dkdv": 144}
+"""Largest :func:`.sliding_window._tile_cost` register estimate a kept LSG config may have, per kernel
+kind: below the sliding window's budgets, because LSG's forward and dq kernels carry six band
+walks (three local, two compressed-key windows, the global keys) and its dk/dv kernels two.
+Calibrated on sm_90 with ``python -m bench.sm90 --family lsg``: the spilling configs measured there
+are over it (fwd 128x64/4w at D = 64: 128; fwd 64x64/4w at D = 128: 96; dq 64x64/4w at D = 128:
+128; dkdv_local 32x128/8w at D = 128: 160)."""
+
+_CAUSAL_LOCAL_DKDV_BUDGET = 120
+""":data:`_REG_BUDGET` of the causal local dk/dv kernel (``bench.sm90``: 64x128/8w at D = 64, model 128,
+took 255 registers and spilled 16 B causal, 248 and none otherwise)."""
 
 
-def _pruner(tile: str, bound: str):
-    """Keep configs whose tiles fit the head dim / dtype and whose ``tile`` axis (the one a
-    program owns) is not much longer than the ``bound`` argument (an LSG block, ``Tc``)."""
+def _pruner(kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
+    """The autotuner's early pruner for one LSG kernel kind (``kind``: "fwd", "dq" or "dkdv"): the
+    sliding window's register / shared-memory model (:func:`.sliding_window._tile_cost`) against
+    :data:`_REG_BUDGET`; 8 warps only on a 128-row accumulator tile; at D >= 128 tiles of fewer than
+    64 accumulator rows (mma.sync) only as the last resort; and the ``tile`` axis (the one a program
+    owns) not much longer than the ``bound`` argument (an LSG block, ``Tc``); ``causal_budget``
+    replaces the budget of a ``CAUSAL`` launch.  The smallest tile if none fits."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
         q = args.get("Q")
-        limit = 128 * 64 * 64 // max(d, 16)
-        if q is not None and q.dtype == torch.float64:
-            limit //= 4
+        elem = q.element_size() if q is not None else 2
         cap = max(16, next_power_of_2(int(args[bound])))
-        kept = [c for c in configs
-                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit and c.kwargs[tile] <= cap]
+        budget = causal_budget if causal_budget is not None and args.get("CAUSAL") else _REG_BUDGET[kind]
+
+        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
+            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
+
+        def fits(c):
+            regs, smem = _tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d,
+                                    elem)
+            return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
+                    and c.kwargs[tile] <= cap)
+        kept = [c for c in configs if fits(c)]
+        if d >= 128 and any(rows(c) >= 64 for c in kept):
+            kept = [c for c in kept if rows(c) >= 64]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
 
 
-def _tuned(shapes, key, tile: str, bound: str):
-    """Autotune on CUDA; plain kernel (block sizes passed at launch) under the interpreter."""
+def _tuned(shapes, key, kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
+    """Autotune on CUDA (pruned by :func:`_pruner`); plain kernel (block sizes passed at launch) under
+    the interpreter."""
     def wrap(fn):
         if INTERPRET:
             return fn
         return triton.autotune(configs=_configs(shapes), key=key,
-                               prune_configs_by={"early_config_prune": _pruner(tile, bound)})(fn)
+                               prune_configs_by={"early_config_prune": _pruner(kind, tile, bound, causal_budget)})(fn)
     return wrap
 
 
@@ -159,8 +185,8 @@ def _block_span(p_first, p_last, w_lo, w_hi, sparse_step, wrap, n_blocks):
     return tl.where(empty, 0, t_lo), tl.where(empty, 0, t_hi)
 
 
-@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
-        bound="block_size")
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], kind="fwd",
+        tile="BLOCK_M", bound="block_size")
 @triton.jit
 def _lsg_fwd_kernel(
     Q, K, V, KC, VC, SV, KM, O, LSE, DROP,
@@ -239,9 +265,9 @@ def _lsg_fwd_kernel(
         b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     if HAS_SPARSE:
-        # compressed keys: every row of the block sees the same interval of at most sb keys,
-        # masked by the selection's validity anyway, so one masked range per side (blocks start
-        # at c_begin: no alignment needed, and the range check costs nothing next to it)
+        # compressed keys: every row of the block sees the same interval of at most sb keys, masked
+        # by the selection's validity anyway; tiles start at c_begin (no alignment needed), the
+        # whole ones take the unmasked path (the validity mask only), the last partial one the masked
         i_hc = i_h // heads_per_c
         p_kc = KC + i_b.to(tl.int64) * stride_kcb + i_hc.to(tl.int64) * stride_kch
         p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
@@ -251,11 +277,17 @@ def _lsg_fwd_kernel(
                 c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
             else:  # right window; regular: [(t+2)s, (t+2)s + sb)
                 c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
-            acc, m_i, l_i = attn_fwd_range(
-                acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
-                o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
-                BLOCK_N, True, True, EXACT_SCALE, USE_EXP2,
-                b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
+            c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
+            for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
+                if part == 0:
+                    j_lo, j_hi = c_begin, c_full
+                else:
+                    j_lo, j_hi = c_full, c_end
+                acc, m_i, l_i = attn_fwd_range(
+                    acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
+                    o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
+                    BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2,
+                    b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
 
     # global keys [0, g): few, always edge-masked
     acc, m_i, l_i = attn_fwd_range(
@@ -275,8 +307,8 @@ def _lsg_fwd_kernel(
     tl.store(p_l + o_m.to(tl.int64) * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], tile="BLOCK_M",
-        bound="block_size")
+@_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], kind="dq",
+        tile="BLOCK_M", bound="block_size")
 @triton.jit
 def _lsg_bwd_dq_kernel(
     Q, K, V, KC, VC, SV, KM, DO, LSE, DELTA, DQ, DROP,
@@ -367,11 +399,17 @@ def _lsg_bwd_dq_kernel(
                 c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
             else:
                 c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
-            b_dq = attn_bwd_dq_range(
-                b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
-                o_d * stride_kcd, o_d * stride_vcd, c_begin, c_end, c_begin, c_end, 0, 1, big, big,
-                qk_scale, qk_scale_lo, BLOCK_N, True, True, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=n,
-                drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+            c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
+            for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
+                if part == 0:
+                    j_lo, j_hi = c_begin, c_full
+                else:
+                    j_lo, j_hi = c_full, c_end
+                b_dq = attn_bwd_dq_range(
+                    b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
+                    o_d * stride_kcd, o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big,
+                    qk_scale, qk_scale_lo, BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=n,
+                    drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
 
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
@@ -390,7 +428,8 @@ def _lsg_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], tile="BLOCK_N", bound="block_size")
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], kind="dkdv", tile="BLOCK_N",
+        bound="block_size", causal_budget=_CAUSAL_LOCAL_DKDV_BUDGET)
 @triton.jit
 def _lsg_bwd_dkdv_local_kernel(
     Q, K, V, DO, LSE, DELTA, KM, DKI, DVI, DK, DV, DROP,
@@ -517,30 +556,45 @@ def _sparse_dkdv_heads(
     zeroes the keys the forward never saw).  ``DROPOUT``: as there; the keys' columns are
     ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``."""
     n_blk = tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_M)
-    for it in range(0, n_blk * n_heads):
-        i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
-        o_i = row_lo + (it // n_heads) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    # Loop-carried, so that the loop holds no integer divide: the head ``i_h`` and, per row of the
+    # tile, its LSG block ``b_t`` and offset ``b_r`` in it.  The tile advances by ``BLOCK_M = q_step·b
+    # + r_step`` rows once every ``n_heads`` steps; these divides are done once, here.
+    o_i = row_lo + tl.arange(0, BLOCK_M)  # [BM]
+    b_t = (o_i - block_offset) // block_size  # [BM], rows >= block_offset
+    b_r = (o_i - block_offset) - b_t * block_size
+    q_step = BLOCK_M // block_size
+    r_step = BLOCK_M - q_step * block_size
+    i_h = row_lo * 0  # int32 scalar
+    # key p is in its row's window [t·s + lo, t·s + hi) iff (p - lo) - t·s, as uint32, < hi - lo:
+    # one subtract and one compare per element and window
+    l_span = tl.maximum(left_hi - left_lo, 0).to(tl.uint32)
+    r_span = tl.maximum(right_hi - right_lo, 0).to(tl.uint32)
+    o_cl = (o_c - left_lo)[:, None]  # [BN, 1]
+    o_cr = (o_c - right_lo)[:, None]
+    for _ in range(0, n_blk * n_heads):
+        i_hq = tl.cast(i_h0 + i_h, tl.int64)
         m_i = o_i < row_hi
         o_pos = o_i.to(tl.int64)
-        b_q = tl.load(p_q + i_h * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
+        b_q = tl.load(p_q + i_hq * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
                       other=0.0)  # [BM, D]
-        b_do = tl.load(p_do + i_h * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None],
+        b_do = tl.load(p_do + i_hq * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None],
                        other=0.0)
-        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
+        # rows past row_hi: q = 0 and lse = +inf, so their p is 0 without a per-element row mask
+        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_hq * stride_lh, p_delta + i_hq * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, True, USE_EXP2)
-        base = ((o_i - block_offset) // block_size) * sparse_step  # [BM] t·s of each row
-        rel = o_c[:, None] - base[None, :]  # [BN, BM]
-        m_l = (rel >= left_lo) & (rel < left_hi)
-        mult = tl.where(m_l, 1.0, 0.0)  # a key in both windows counts twice, as in the forward
+        b_base = (b_t * sparse_step)[None, :]  # [1, BM]: t·s of each row
+        b_st = _mm(b_k, tl.trans(b_q), None)  # [BN, BM], unscaled unless the float64 split scale is on
+        if EXACT_SCALE:
+            b_e = _exp(_scale(b_st, qk_scale, qk_scale_lo, EXACT_SCALE) - b_lse[None, :], USE_EXP2)
+        else:
+            b_e = _exp(b_st * qk_scale - b_lse[None, :], USE_EXP2)
+        # P once per window of the row's block that holds the key (a key in both counts twice, as in
+        # the forward); selects, not a multiply, so that an overflowed exp of an unseen key stays out
+        b_pt = tl.where((o_cl - b_base).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
         if not CAUSAL:
-            m_r = (rel >= right_lo) & (rel < right_hi)
-            m_l = m_l | m_r
-            mult += tl.where(m_r, 1.0, 0.0)
-        b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
-        b_st = tl.where(m_l & m_i[None, :], b_st, float("-inf"))
-        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2) * mult  # [BN, BM]
+            b_pt += tl.where((o_cr - b_base).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
         if DROPOUT:
-            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_pos)  # [BM]
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_hq), o_pos)  # [BM]
             b_keep_t = dropout_keep(b_kcol, b_rk, drop_thresh)  # [BN, BM]: the hash's xor is symmetric
             b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
             b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
@@ -551,11 +605,20 @@ def _sparse_dkdv_heads(
             b_dpt = tl.where(b_keep_t, _scale(b_dpt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
+        # next head; after the last one, the next row tile
+        i_h += 1
+        wrap = i_h == n_heads
+        i_h = tl.where(wrap, 0, i_h)
+        b_r_next = b_r + r_step
+        carry = b_r_next >= block_size
+        b_r = tl.where(wrap, tl.where(carry, b_r_next - block_size, b_r_next), b_r)
+        b_t = tl.where(wrap, b_t + q_step + carry.to(tl.int32), b_t)
+        o_i = tl.where(wrap, o_i + BLOCK_M, o_i)
     return b_dk, b_dv
 
 
-@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL", "DROPOUT"], tile="BLOCK_N",
-        bound="n_c")
+@_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL", "DROPOUT"], kind="dkdv",
+        tile="BLOCK_N", bound="n_c")
 @triton.jit
 def _lsg_bwd_dkdv_sparse_kernel(
     Q, KC, VC, SV, DO, LSE, DELTA, DKC, DVC, DROP,
