@@ -94,7 +94,7 @@ def _configs(shapes):
 
 
 _FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
-               (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 2)]
+               (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 2), (16, 16, 2, 1), (64, 16, 4, 2)]
 _DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
                 (32, 32, 4, 2), (16, 32, 2, 2), (16, 16, 2, 2)]
 
@@ -111,13 +111,23 @@ _CAUSAL_LOCAL_DKDV_BUDGET = 120
 took 255 registers and spilled 16 B causal, 248 and none otherwise)."""
 
 
+_D256_SHAPE = {"fwd": (16, 16, 2, 1), "dq": (64, 16, 4, 2), "dkdv": (16, 16, 2, 2)}
+"""The one config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps, stages): the fewest spill
+bytes of the shapes compiled for sm_90 (``python -m bench.sm90 --family lsg --head-dim 256``)."""
+
+
+def _shape(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
 def _pruner(kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
     """The autotuner's early pruner for one LSG kernel kind (``kind``: "fwd", "dq" or "dkdv"): the
     sliding window's register / shared-memory model (:func:`.sliding_window._tile_cost`) against
     :data:`_REG_BUDGET`; 8 warps only on a 128-row accumulator tile; at D >= 128 tiles of fewer than
     64 accumulator rows (mma.sync) only as the last resort; and the ``tile`` axis (the one a program
     owns) not much longer than the ``bound`` argument (an LSG block, ``Tc``); ``causal_budget``
-    replaces the budget of a ``CAUSAL`` launch.  The smallest tile if none fits."""
+    replaces the budget of a ``CAUSAL`` launch.  The smallest tile if none fits, and always at
+    D >= 256 (measured by ``python -m bench.sm90 --family lsg --head-dim 256``)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
@@ -134,10 +144,13 @@ def _pruner(kind: str, tile: str, bound: str, causal_budget: Optional[int] = Non
                                     elem)
             return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
                     and c.kwargs[tile] <= cap)
+        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+        if d >= 256:  # the register model underestimates here: the tile measured best on sm_90
+            return [c for c in configs if _shape(c) == _D256_SHAPE[kind]] or [smallest]
         kept = [c for c in configs if fits(c)]
         if d >= 128 and any(rows(c) >= 64 for c in kept):
             kept = [c for c in kept if rows(c) >= 64]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept or [smallest]
     return prune
 
 
