@@ -302,6 +302,26 @@ def measure_mode(w: Workload, provider: str, mode: str, timing: Timing, memory: 
     return res
 
 
+
+def add_device_args(ap, n_default: Optional[str], n_help: Optional[str] = None) -> None:
+    """``--device``, ``--dtype`` and ``--n``: the arguments every model-level benchmark shares."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--n", default=n_default, help=n_help)
+
+
+def write_results(out: Optional[str], stem: str, meta: dict, rows: list, markdown: str) -> None:
+    """``OUT/STEM.json`` (``{"meta", "results"}``) and ``OUT/STEM.md``; nothing when ``out`` is None."""
+    if not out:
+        return
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".json"), "w") as fh:
+        json.dump({"meta": meta, "results": rows}, fh, indent=1)
+    with open(os.path.join(out, stem + ".md"), "w") as fh:
+        fh.write(markdown)
+
 def limit_memory(nbytes: int) -> None:
     """Cap this process's data segment (heap + anonymous mappings) at ``nbytes``: an allocation
     beyond it fails with an error the case records as ``oom``."""

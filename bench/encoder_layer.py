@@ -38,7 +38,7 @@ from typing import List, Optional
 
 import torch
 
-from .case import Timing, _classify, _time_cpu, _time_cuda, limit_memory
+from .case import Timing, _classify, _time_cpu, _time_cuda, add_device_args, limit_memory, write_results
 
 SETUPS = ("stock-full", "stock-window", "lhattn-window")
 D_MODEL, HEADS, FF, WINDOW = 512, 8, 2048, 256
@@ -142,9 +142,7 @@ def _table(rows: List[dict], ns: List[int]) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--n", default="4096,16384,32768")
+    add_device_args(ap, "4096,16384,32768")
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
     ap.add_argument("--mem-cap-gib", type=float, default=None,
                     help="skip stock cases predicted above this (default: 12 on CPU, 0.9 x GPU memory); on CPU also "
@@ -197,14 +195,10 @@ def main(argv=None) -> dict:
             "command": "python -m bench.encoder_layer " + " ".join(argv if argv is not None else sys.argv[1:])}
     table = _table(rows, ns)
     print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "encoder_layer.json"), "w") as fh:
-            json.dump({"meta": meta, "results": rows}, fh, indent=1)
-        with open(os.path.join(args.out, "encoder_layer.md"), "w") as fh:
-            fh.write(f"# TransformerEncoderLayer: stock vs lhattn\n\n{meta['layer']}; {meta['device']}; "
-                     f"{dtype}; torch {meta['torch']}; {meta['date']}\n\n"
-                     "Cells: median time of forward+backward, peak extra memory of one run.\n\n" + table + "\n")
+    write_results(args.out, "encoder_layer", meta, rows,
+                  f"# TransformerEncoderLayer: stock vs lhattn\n\n{meta['layer']}; {meta['device']}; "
+                  f"{dtype}; torch {meta['torch']}; {meta['date']}\n\n"
+                  "Cells: median time of forward+backward, peak extra memory of one run.\n\n" + table + "\n")
     return {"meta": meta, "results": rows}
 
 

@@ -30,7 +30,7 @@ from typing import List, Optional
 
 import torch
 
-from .case import Timing, _classify, _time_cpu, _time_cuda, limit_memory
+from .case import Timing, _classify, _time_cpu, _time_cuda, add_device_args, limit_memory, write_results
 from .encoder_layer import _device_name
 
 IMPLS = ("lhattn", "sdpa", "eager")
@@ -122,11 +122,9 @@ def _table(rows: List[dict], models: List[str], ns: List[int]) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    add_device_args(ap, None, "default: 4096,8192,16384 on CPU, 4096,8192,16384,32768 on CUDA")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS) +
                     " (default: modernbert-base-local on CPU, both on CUDA)")
-    ap.add_argument("--n", default=None, help="default: 4096,8192,16384 on CPU, 4096,8192,16384,32768 on CUDA")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--mem-cap-gib", type=float, default=None,
                     help="skip eager cases predicted above this (default: 12 on CPU, 0.9 x GPU memory); on CPU also "
@@ -173,16 +171,12 @@ def main(argv=None) -> dict:
             "command": "python -m bench.hf_models " + " ".join(argv if argv is not None else sys.argv[1:])}
     table = _table(rows, models, ns)
     print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "hf_models.json"), "w") as fh:
-            json.dump({"meta": meta, "results": rows}, fh, indent=1)
-        with open(os.path.join(args.out, "hf_models.md"), "w") as fh:
-            fh.write(f"# Hugging Face models: attn_implementation lhattn vs sdpa vs eager\n\n{meta['what']}; "
-                     f"{meta['device']}; {dtype}; {meta['threads']} torch threads; torch {meta['torch']}; "
-                     f"transformers {meta['transformers']}; {meta['date']}\n\n"
-                     f"Command: `{meta['command']}`\n\n"
-                     "Cells: median time of forward+backward, peak memory of one run.\n\n" + table + "\n")
+    write_results(args.out, "hf_models", meta, rows,
+                  f"# Hugging Face models: attn_implementation lhattn vs sdpa vs eager\n\n{meta['what']}; "
+                  f"{meta['device']}; {dtype}; {meta['threads']} torch threads; torch {meta['torch']}; "
+                  f"transformers {meta['transformers']}; {meta['date']}\n\n"
+                  f"Command: `{meta['command']}`\n\n"
+                  "Cells: median time of forward+backward, peak memory of one run.\n\n" + table + "\n")
     return {"meta": meta, "results": rows}
 
 

@@ -39,7 +39,7 @@ from typing import List, Optional
 
 import torch
 
-from .case import Timing, _classify, _time_cpu, _time_cuda, limit_memory
+from .case import Timing, _classify, _time_cpu, _time_cuda, add_device_args, limit_memory, write_results
 from .encoder_layer import _device_name
 
 D_MODEL, HEADS, FF, VOCAB, WINDOW, K = 128, 4, 512, 256, 128, 4
@@ -193,9 +193,7 @@ def _skipped(rows: List[dict]) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--n", default="2048,4096,8192,16384,32768")
+    add_device_args(ap, "2048,4096,8192,16384,32768")
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS))
     ap.add_argument("--mem-cap-gib", type=float, default=None,
                     help="CPU: the hard memory limit of each case subprocess (default 6)")
@@ -237,17 +235,13 @@ def main(argv=None) -> dict:
     table = _table(rows, ns, setups)
     per_token = _memory_per_token(rows, ns, setups)
     print(table + "\n\n" + per_token)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "hourglass.json"), "w") as fh:
-            json.dump({"meta": meta, "results": rows}, fh, indent=1)
-        with open(os.path.join(args.out, "hourglass.md"), "w") as fh:
-            fh.write(f"# HourglassLM vs vanilla LM: one training step\n\n{meta['model']}\n\n{meta['device']}; {dtype}; "
-                     f"{args.threads} torch thread(s); torch {meta['torch']}; {meta['date']}\n\n"
-                     f"`{meta['command']}`\n\n"
-                     "Cells: tokens/s of forward+loss+backward, peak extra memory of one step.\n\n"
-                     + table + "\n\nPeak memory per token (flat = linear memory):\n\n" + per_token
-                     + "\n\nNot measured:\n\n" + _skipped(rows) + "\n")
+    write_results(args.out, "hourglass", meta, rows,
+                  f"# HourglassLM vs vanilla LM: one training step\n\n{meta['model']}\n\n{meta['device']}; {dtype}; "
+                  f"{args.threads} torch thread(s); torch {meta['torch']}; {meta['date']}\n\n"
+                  f"`{meta['command']}`\n\n"
+                  "Cells: tokens/s of forward+loss+backward, peak extra memory of one step.\n\n"
+                  + table + "\n\nPeak memory per token (flat = linear memory):\n\n" + per_token
+                  + "\n\nNot measured:\n\n" + _skipped(rows) + "\n")
     return {"meta": meta, "results": rows}
 
 
