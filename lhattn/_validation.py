@@ -80,6 +80,17 @@ def check_global_qkv(global_qkv: Optional[Sequence[Tensor]], q: Tensor, k: Tenso
             raise ValueError(f"global_qkv {name} must be on {q.device}, got {x.device}")
 
 
+def check_segments_call(segment_size: Optional[int], segment_ids: Optional[Tensor], q: Tensor) -> None:
+    """A Segments call: exactly one of the pattern's ``segment_size`` and the call's ``segment_ids``,
+    and valid ids when given."""
+    if (segment_ids is None) == (segment_size is None):
+        raise ValueError("Segments needs exactly one of segment_size (in the pattern) and segment_ids (per call); "
+                         f"got segment_size={segment_size} and "
+                         f"segment_ids={'given' if segment_ids is not None else None}")
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q)
+
+
 def check_segment_ids(segment_ids: Tensor, q: Tensor) -> None:
     """``[B, N]`` integer ids, non-decreasing along N (so every segment is contiguous)."""
     _tensor("segment_ids", segment_ids)

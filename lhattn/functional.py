@@ -233,12 +233,7 @@ def attention(
     elif isinstance(pattern, Segments):
         if global_qkv is not None:
             raise ValueError("global_qkv is only supported with SlidingWindow (Longformer), got it with Segments")
-        if (segment_ids is None) == (pattern.segment_size is None):
-            raise ValueError("Segments needs exactly one of segment_size (in the pattern) and segment_ids "
-                             f"(per call); got segment_size={pattern.segment_size} and "
-                             f"segment_ids={'given' if segment_ids is not None else None}")
-        if segment_ids is not None:
-            V.check_segment_ids(segment_ids, q)
+        V.check_segments_call(pattern.segment_size, segment_ids, q)
         kwargs.update(global_mask=global_mask, segment_ids=segment_ids)
     else:
         for name, val in (("global_mask", global_mask), ("global_qkv", global_qkv), ("segment_ids", segment_ids)):

@@ -256,17 +256,12 @@ def _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_s
     V.check_token_mask("global_mask", global_mask, q)
     V.check_scale(scale)
     _dropout.check_dropout(dropout_p, dropout_seed)
-    if isinstance(pattern, SlidingWindow):
+    if isinstance(pattern, (SlidingWindow, LSG)):
         if segment_ids is not None:
-            raise ValueError("segment_ids is only meaningful for the Segments pattern, got it with SlidingWindow")
-    elif isinstance(pattern, LSG):
-        pass
-    elif (segment_ids is None) == (pattern.segment_size is None):
-        raise ValueError("Segments needs exactly one of segment_size (in the pattern) and segment_ids (per call); "
-                         f"got segment_size={pattern.segment_size} and "
-                         f"segment_ids={'given' if segment_ids is not None else None}")
-    elif segment_ids is not None:
-        V.check_segment_ids(segment_ids, q)
+            raise ValueError("segment_ids is only meaningful for the Segments pattern, "
+                             f"got it with {type(pattern).__name__}")
+    else:
+        V.check_segments_call(pattern.segment_size, segment_ids, q)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("context_parallel_attention needs torch.distributed initialised "
                            "(torch.distributed.init_process_group, e.g. under torchrun)")

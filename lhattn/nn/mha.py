@@ -173,12 +173,7 @@ def _check_call_args(pattern: Pattern, q: Tensor, key_padding_mask: Optional[Ten
     V.check_token_mask("key_padding_mask", key_padding_mask, q)
     V.check_token_mask("global_mask", global_mask, q)
     if isinstance(pattern, Segments):
-        if (segment_ids is None) == (pattern.segment_size is None):
-            raise ValueError("Segments needs exactly one of segment_size (in the pattern) and segment_ids (per "
-                             f"call); got segment_size={pattern.segment_size} and "
-                             f"segment_ids={'given' if segment_ids is not None else None}")
-        if segment_ids is not None:
-            V.check_segment_ids(segment_ids, q)
+        V.check_segments_call(pattern.segment_size, segment_ids, q)
         return
     if segment_ids is not None:
         raise ValueError(f"segment_ids is only meaningful for the Segments pattern, got it with {pattern}")
