@@ -170,6 +170,13 @@ def test_prepended_matches_model_file(case, causal):
         _prepended_compare(_cpu_backends(case), case, sparsity_type, causal)
 
 
+@pytest.mark.parametrize("sparsity_type", ["norm", "pooling", "bos_pooling"])
+def test_prepended_matches_model_file_at_released_geometry(sparsity_type):
+    """The geometry released LSG checkpoints run (e.g. lsg-xlm-roberta-base-4096: block 128, sparse
+    block 128, factor 2, one global token), at a length that is not a multiple of the block."""
+    _prepended_compare(["fallback"], (700, 128, 128, 2), sparsity_type, False, g=1)
+
+
 # ---- fp32: the same, to fp32 rounding ---------------------------------------------------------------
 
 
