@@ -22,7 +22,10 @@ position).  What moves between ranks (NCCL on GPUs, gloo on CPU; count it with :
   tokens as above.  ``bos_pooling`` is not supported (NotImplementedError).
 
 Every rank must call with the same kinds of arguments (checked with one small all-gather).
-Computation runs in the blocked fallback engine (:mod:`lhattn.fallback.engine`) on any device.
+Each rank computes its part with the Triton kernels when its tensors are on CUDA (window and segment
+bands, and the global rows' partials), else with the blocked fallback engine
+(:mod:`lhattn.fallback.engine`); attention dropout and LSG always use the fallback engine.  The switch
+and the extra work are described in :mod:`lhattn.distributed._local`.
 
 The ``lhattn.nn`` modules run context-parallel inside :func:`context_parallel`::
 
@@ -107,7 +110,8 @@ def group_rank() -> int:
 def attention(q, k, v, pattern, *, backend: str = "auto", global_qkv=None, **kwargs):
     """:func:`lhattn.attention`'s signature, run by :func:`context_parallel_attention` over the group of
     the innermost :func:`context_parallel` block (what the ``lhattn.nn`` modules call inside one).
-    ``backend`` is not used (the blocked engine runs on any device); ``global_qkv`` is not supported."""
+    ``backend`` is not used (each rank picks its engine as :mod:`lhattn.distributed._local` says);
+    ``global_qkv`` is not supported."""
     if not _STACK:
         raise RuntimeError("lhattn.distributed.attention is only meaningful inside a context_parallel() block")
     if global_qkv is not None:

@@ -17,6 +17,7 @@ from ..fallback.engine import Dropout, KeyBlock, QueryBlock, _backward, _forward
 from ..fallback.sliding_window import _WindowPlan
 from ..patterns import LSG, Pattern, Segments, SlidingWindow
 from . import _comm as C
+from . import _local
 
 __all__ = ["context_parallel_attention"]
 
@@ -310,6 +311,7 @@ def context_parallel_attention(
     g_max = max(r[-1] for r in rows)
     scale = d ** -0.5 if scale is None else scale
     state = _shared_state(dropout_p, dropout_seed, q.device, group)
+    engine = _local.choose(q, pattern, dropout_p)  # the local computation (lhattn.distributed._local)
 
     if isinstance(pattern, LSG):
         from ._lsg import lsg_attention
@@ -330,16 +332,23 @@ def context_parallel_attention(
     k_ext, v_ext = kv[0], kv[1]
     local_k = None if local is None else C.halo_exchange(local, lay, ranges, dim=1)
     shift = lay.start - lo
-    gslots = None if glb is None else glb.slots
-    if isinstance(pattern, SlidingWindow):
-        plan = _HaloWindowPlan(pattern, n, shift, hi - lo, local, local_k, gslots, q.device)
-    else:
+    ids = None
+    if isinstance(pattern, Segments):
         if segment_ids is None:
             ids = (torch.arange(lo, hi, device=q.device) // pattern.segment_size).expand(b, -1)
         else:
             ids = C.halo_exchange(segment_ids, lay, ranges, dim=1)
-        plan = _HaloSegmentPlan(ids, n, shift, local, local_k, gslots)
 
+    if engine == "triton":  # the same traffic; the kernels compute
+        out, lse = _local.triton_band(q, k_ext, v_ext, pattern, shift, local, local_k, glb, scale, ids)
+        out, lse = _with_global_rows(out, lse, glb, k, v, valid, lay, scale, dropout_p, state, engine="triton")
+        return (out, lse) if return_lse else out
+
+    gslots = None if glb is None else glb.slots
+    if isinstance(pattern, SlidingWindow):
+        plan = _HaloWindowPlan(pattern, n, shift, hi - lo, local, local_k, gslots, q.device)
+    else:
+        plan = _HaloSegmentPlan(ids, n, shift, local, local_k, gslots)
     sources = [(k_ext, v_ext)] if glb is None else [(k_ext, v_ext), (glb.k, glb.v)]
     drop = None
     if state is not None:
@@ -353,11 +362,14 @@ def context_parallel_attention(
 
 
 def _with_global_rows(out, lse, glb: Optional[_Globals], k, v, valid, lay: C.Layout, scale, dropout_p, state,
-                      causal: bool = False):
+                      causal: bool = False, engine: str = "fallback"):
     """Replace this rank's global rows of ``(out, lse)`` (left at 0 / -inf by the local pass) by their
-    attention over every rank's keys."""
+    attention over every rank's keys; ``engine`` computes the partials (:mod:`lhattn.distributed._local`)."""
     if glb is None:
         return out, lse
+    if engine == "triton":  # no dropout, not causal (LSG stays on the fallback)
+        out_g, lse_g = _local.TritonGlobalRows.apply(glb.q, k, v, glb.pos >= 0, valid, scale, lay.group)
+        return write_global_rows(out, lse, glb.own, glb.mine(out_g), glb.mine(lse_g))
     plan = _GlobalRowsPlan(glb.pos, valid, k.shape[2], lay.start, causal)
     drop = None if state is None else Dropout(float(dropout_p), state, glb.pos, [lay.start])
     out_g, lse_g = _GlobalRows.apply(glb.q, k, v, plan, scale, drop, lay.group)
