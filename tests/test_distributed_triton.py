@@ -159,7 +159,7 @@ def test_triton_engine_refuses_what_it_cannot_run(results):
         assert "LSG" in (res["refusals"]["lsg"] or ""), res["refusals"]
 
 
-def test_engine_switch_without_spawning():
+def test_engine_switch_without_spawning(monkeypatch):
     q = torch.randn(1, 2, 8, 16)
     w = lhattn.SlidingWindow(2)
     assert _local.choose(q, w, 0.0) == "fallback"  # "auto" on CPU tensors
@@ -169,6 +169,11 @@ def test_engine_switch_without_spawning():
         assert _local.choose(q, w, 0.0) == "triton"
         with pytest.raises(NotImplementedError, match="dropout"):
             _local.choose(q, w, 0.1)
+        _local.ENGINE = "auto"
+        monkeypatch.setattr(_local, "_on_cuda", lambda _q: True)  # as on CUDA: Triton, else a warning why not
+        assert _local.choose(q, w, 0.0) == "triton"
+        with pytest.warns(lhattn.FallbackWarning, match="dropout"):
+            assert _local.choose(q, w, 0.1) == "fallback"
         _local.ENGINE = "gpu"
         with pytest.raises(ValueError, match="ENGINE"):
             _local.choose(q, w, 0.0)

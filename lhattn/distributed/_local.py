@@ -66,23 +66,41 @@ def triton_reason(q: Tensor, pattern: Pattern, dropout_p: float) -> Optional[str
     return triton_unavailable_reason(q, pattern)
 
 
+def _on_cuda(q: Tensor) -> bool:
+    return q.device.type == "cuda"
+
+
 def choose(q: Tensor, pattern: Pattern, dropout_p: float) -> str:
     """``"triton"`` or ``"fallback"`` for this call, following :data:`ENGINE`."""
     if ENGINE not in _ENGINES:
         raise ValueError(f"lhattn.distributed._local.ENGINE must be one of {_ENGINES}, got {ENGINE!r}")
     if ENGINE == "fallback":
         return "fallback"
-    if ENGINE == "auto" and q.device.type != "cuda":
+    if ENGINE == "auto" and not _on_cuda(q):
         return "fallback"
     why = triton_reason(q, pattern, dropout_p)
     if why is None:
         return "triton"
     if ENGINE == "triton":
         raise NotImplementedError(f"context_parallel_attention with ENGINE='triton': {why}")
-    from ..functional import _warn_fallback
-
-    _warn_fallback(why)
+    _warn_once(why)
     return "fallback"
+
+
+_WARNED = set()
+
+
+def _warn_once(why: str) -> None:
+    """One :class:`lhattn.FallbackWarning` per distinct reason, for the life of the process."""
+    if why in _WARNED:
+        return
+    _WARNED.add(why)
+    import warnings
+
+    from ..functional import FallbackWarning
+
+    warnings.warn(f"lhattn.distributed: this rank's attention runs in the blocked fallback engine instead of the "
+                  f"Triton kernels: {why}", FallbackWarning, stacklevel=4)
 
 
 def _run_dim(d: int) -> int:
