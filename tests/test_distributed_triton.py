@@ -174,8 +174,13 @@ def test_engine_switch_without_spawning(monkeypatch):
         assert _local.choose(q, w, 0.0) == "triton"
         with pytest.warns(lhattn.FallbackWarning, match="dropout"):
             assert _local.choose(q, w, 0.1) == "fallback"
+        assert _local.choose(q, w, 0.0, "fallback") == "fallback"  # a call's backend overrides ENGINE
+        _local.ENGINE = "fallback"
+        assert _local.choose(q, w, 0.0, "triton") == "triton"
         _local.ENGINE = "gpu"
         with pytest.raises(ValueError, match="ENGINE"):
             _local.choose(q, w, 0.0)
     finally:
         _local.ENGINE = old
+    with pytest.raises(ValueError, match="backend must be one of"):
+        context_parallel_attention(q, q, q, w, backend="gpu")

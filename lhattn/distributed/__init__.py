@@ -110,10 +110,12 @@ def group_rank() -> int:
 def attention(q, k, v, pattern, *, backend: str = "auto", global_qkv=None, **kwargs):
     """:func:`lhattn.attention`'s signature, run by :func:`context_parallel_attention` over the group of
     the innermost :func:`context_parallel` block (what the ``lhattn.nn`` modules call inside one).
-    ``backend`` is not used (each rank picks its engine as :mod:`lhattn.distributed._local` says);
+    ``backend``: ``"auto"``, ``"triton"`` or ``"fallback"`` pick what computes each rank's part
+    (:mod:`lhattn.distributed._local`); ``"reference"`` (the dense oracle) runs as ``"fallback"``.
     ``global_qkv`` is not supported."""
     if not _STACK:
         raise RuntimeError("lhattn.distributed.attention is only meaningful inside a context_parallel() block")
     if global_qkv is not None:
         raise ValueError("global_qkv is not supported by context-parallel attention, got global_qkv")
-    return context_parallel_attention(q, k, v, pattern, _STACK[-1], **kwargs)
+    backend = "fallback" if backend == "reference" else backend
+    return context_parallel_attention(q, k, v, pattern, _STACK[-1], backend=backend, **kwargs)

@@ -245,8 +245,10 @@ def _ragged_segment_ranges(segment_ids: Tensor, lay: C.Layout) -> List[Tuple[int
 # ---- the entry point -------------------------------------------------------------------------------
 
 
-def _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_seed, segment_ids, scale) -> None:
+def _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_seed, segment_ids, scale,
+           backend) -> None:
     V.check_qkv(q, k, v)
+    _local.check_backend(backend)
     if not isinstance(pattern, (SlidingWindow, Segments, LSG)):
         raise TypeError(f"pattern must be SlidingWindow, Segments or LSG, got {type(pattern).__name__}")
     if isinstance(pattern, LSG):
@@ -282,6 +284,7 @@ def context_parallel_attention(
     segment_ids: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ):
     """:func:`lhattn.attention` on a sequence split over the ranks of ``group`` (module docstring).
 
@@ -297,12 +300,15 @@ def context_parallel_attention(
         segment_ids: this rank's ``[B, N_r]`` shard of the segment ids (Segments without segment_size).
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return this shard's ``lse [B, H, N_r]``.
+        backend: what computes this rank's part: ``"auto"`` (the Triton kernels for CUDA tensors where
+            they can, else the blocked fallback engine; :mod:`lhattn.distributed._local`), ``"triton"``
+            (NotImplementedError saying why where they cannot) or ``"fallback"``.  The traffic is the same.
 
     Returns:
         This rank's ``out [B, H, N_r, D]`` (or ``(out, lse)``), equal to the matching slice of the
         single-process call; differentiable in q, k, v (gradients: the matching slices too).
     """
-    _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_seed, segment_ids, scale)
+    _check(q, k, v, pattern, global_mask, key_padding_mask, dropout_p, dropout_seed, segment_ids, scale, backend)
     b, h, n, d = q.shape
     valid, glob, local = visible_tokens(key_padding_mask, global_mask)
     rows = C.gather_ints(_describe(q, k, key_padding_mask, global_mask, segment_ids, glob), group, q.device)
@@ -311,7 +317,7 @@ def context_parallel_attention(
     g_max = max(r[-1] for r in rows)
     scale = d ** -0.5 if scale is None else scale
     state = _shared_state(dropout_p, dropout_seed, q.device, group)
-    engine = _local.choose(q, pattern, dropout_p)  # the local computation (lhattn.distributed._local)
+    engine = _local.choose(q, pattern, dropout_p, backend)  # the local computation (lhattn.distributed._local)
 
     if isinstance(pattern, LSG):
         from ._lsg import lsg_attention

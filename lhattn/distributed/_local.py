@@ -1,7 +1,9 @@
 """Which engine computes a rank's local attention, and the Triton form of it.
 
 One switch, :data:`ENGINE`, decides how each rank computes its part once the halo and the global
-tokens have arrived (the traffic is the same either way):
+tokens have arrived (the traffic is the same either way); a call's ``backend`` other than ``"auto"``
+(:func:`~lhattn.distributed.context_parallel_attention`, or an ``lhattn.nn`` module's ``backend``)
+overrides it for that call:
 
 * ``"auto"`` (default): the Triton kernels for CUDA tensors when :func:`triton_reason` is None,
   else the blocked fallback engine (:mod:`lhattn.fallback.engine`); on CUDA a
@@ -70,19 +72,26 @@ def _on_cuda(q: Tensor) -> bool:
     return q.device.type == "cuda"
 
 
-def choose(q: Tensor, pattern: Pattern, dropout_p: float) -> str:
-    """``"triton"`` or ``"fallback"`` for this call, following :data:`ENGINE`."""
-    if ENGINE not in _ENGINES:
+def check_backend(backend) -> None:
+    if backend not in _ENGINES:
+        raise ValueError(f"backend must be one of {_ENGINES} for context-parallel attention, got {backend!r}")
+
+
+def choose(q: Tensor, pattern: Pattern, dropout_p: float, backend: str = "auto") -> str:
+    """``"triton"`` or ``"fallback"`` for this call: ``backend``, or :data:`ENGINE` when it is "auto"."""
+    check_backend(backend)
+    mode = ENGINE if backend == "auto" else backend
+    if mode not in _ENGINES:
         raise ValueError(f"lhattn.distributed._local.ENGINE must be one of {_ENGINES}, got {ENGINE!r}")
-    if ENGINE == "fallback":
+    if mode == "fallback":
         return "fallback"
-    if ENGINE == "auto" and not _on_cuda(q):
+    if mode == "auto" and not _on_cuda(q):
         return "fallback"
     why = triton_reason(q, pattern, dropout_p)
     if why is None:
         return "triton"
-    if ENGINE == "triton":
-        raise NotImplementedError(f"context_parallel_attention with ENGINE='triton': {why}")
+    if mode == "triton":
+        raise NotImplementedError(f"context-parallel attention on the Triton kernels (backend/ENGINE 'triton'): {why}")
     _warn_once(why)
     return "fallback"
 
