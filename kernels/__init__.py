@@ -2,7 +2,8 @@
 
 One module per pattern family, each with plain launchers returning ``(out, lse)`` /
 ``(dq, dk, dv)``; no autograd in here (see ``lhattn.autograd``).  ``_core`` holds the
-online-softmax pieces every family shares.
+online-softmax pieces every family shares, ``_launch`` the host-side launch plumbing
+(docs/ARCHITECTURE.md, "Kernels").
 """
 
 from . import lsg as _lsg, segment as _segment, sliding_window as _sliding_window

@@ -68,108 +68,22 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
-                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, dropout_scale, next_power_of_2,
-                    split_scale)
-from .sliding_window import _SMEM_BUDGET, _tile_cost, add_global_key_grads, sliding_window_bwd, sliding_window_fwd
+                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, split_scale)
+# launch plumbing shared by the families; LSG's tuning (kernels/_launch.py) under the names the kernels use
+from ._launch import (INTERPRET_BLOCKS, _LSG_CAUSAL_LOCAL_DKDV_BUDGET as _CAUSAL_LOCAL_DKDV_BUDGET,
+                      _LSG_DKDV_SHAPES as _DKDV_SHAPES, _LSG_FWD_SHAPES as _FWD_SHAPES, _lsg_tuned as _tuned,
+                      _mask_u8, _meta_for, _strides, _token_dropout_args as _dropout_args)
+# whole passes of the sliding-window family (its public launchers): the dense path, the global-key gradient
+from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
 
 __all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
-INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
-"""``(BLOCK_M, BLOCK_N)`` under ``TRITON_INTERPRET=1`` (no autotuning there).  For the dk/dv
-kernels BLOCK_N is the key block of a program and BLOCK_M the query rows per step."""
+_meta = _meta_for(globals())  # block sizes under the interpreter: this module's INTERPRET_BLOCKS
 
 
 def is_short(n: int, block_size: int, block_offset: int) -> bool:
     """LSG's rule: ``N - o <= 2·b`` means full attention."""
     return n - block_offset <= 2 * block_size
-
-
-# --------------------------------------------------------------------------------------
-# block-size configurations
-# --------------------------------------------------------------------------------------
-
-
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
-
-
-_FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
-               (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 2), (16, 16, 2, 1), (64, 16, 4, 2)]
-_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
-                (32, 32, 4, 2), (16, 32, 2, 2), (16, 16, 2, 2)]
-
-_REG_BUDGET = {"fwd": 80, "dq": 96, "dkdv": 144}
-"""Largest :func:`.sliding_window._tile_cost` register estimate a kept LSG config may have, per kernel
-kind: below the sliding window's budgets, because LSG's forward and dq kernels carry six band
-walks (three local, two compressed-key windows, the global keys) and its dk/dv kernels two.
-Calibrated on sm_90 with ``python -m bench.sm90 --family lsg``: the spilling configs measured there
-are over it (fwd 128x64/4w at D = 64: 128; fwd 64x64/4w at D = 128: 96; dq 64x64/4w at D = 128:
-128; dkdv_local 32x128/8w at D = 128: 160)."""
-
-_CAUSAL_LOCAL_DKDV_BUDGET = 120
-""":data:`_REG_BUDGET` of the causal local dk/dv kernel (``bench.sm90``: 64x128/8w at D = 64, model 128,
-took 255 registers and spilled 16 B causal, 248 and none otherwise)."""
-
-
-_D256_SHAPE = {"fwd": (16, 16, 2, 1), "dq": (64, 16, 4, 2), "dkdv": (16, 16, 2, 2)}
-"""The one config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps, stages): the fewest spill
-bytes of the shapes compiled for sm_90 (``python -m bench.sm90 --family lsg --head-dim 256``)."""
-
-
-def _shape(c) -> tuple:
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-
-
-def _pruner(kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
-    """The autotuner's early pruner for one LSG kernel kind (``kind``: "fwd", "dq" or "dkdv"): the
-    sliding window's register / shared-memory model (:func:`.sliding_window._tile_cost`) against
-    :data:`_REG_BUDGET`; 8 warps only on a 128-row accumulator tile; at D >= 128 tiles of fewer than
-    64 accumulator rows (mma.sync) only as the last resort; and the ``tile`` axis (the one a program
-    owns) not much longer than the ``bound`` argument (an LSG block, ``Tc``); ``causal_budget``
-    replaces the budget of a ``CAUSAL`` launch.  The smallest tile if none fits, and always at
-    D >= 256 (measured by ``python -m bench.sm90 --family lsg --head-dim 256``)."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
-        d = args["HEAD_DIM"]
-        q = args.get("Q")
-        elem = q.element_size() if q is not None else 2
-        cap = max(16, next_power_of_2(int(args[bound])))
-        budget = causal_budget if causal_budget is not None and args.get("CAUSAL") else _REG_BUDGET[kind]
-
-        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
-            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
-
-        def fits(c):
-            regs, smem = _tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d,
-                                    elem)
-            return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
-                    and c.kwargs[tile] <= cap)
-        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
-        if d >= 256:  # the register model underestimates here: the tile measured best on sm_90
-            return [c for c in configs if _shape(c) == _D256_SHAPE[kind]] or [smallest]
-        kept = [c for c in configs if fits(c)]
-        if d >= 128 and any(rows(c) >= 64 for c in kept):
-            kept = [c for c in kept if rows(c) >= 64]
-        return kept or [smallest]
-    return prune
-
-
-def _tuned(shapes, key, kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
-    """Autotune on CUDA (pruned by :func:`_pruner`); plain kernel (block sizes passed at launch) under
-    the interpreter."""
-    def wrap(fn):
-        if INTERPRET:
-            return fn
-        return triton.autotune(configs=_configs(shapes), key=key,
-                               prune_configs_by={"early_config_prune": _pruner(kind, tile, bound, causal_budget)})(fn)
-    return wrap
-
-
-def _meta(kind: str) -> dict:
-    if not INTERPRET:
-        return {}
-    bm, bn = INTERPRET_BLOCKS[kind]
-    return {"BLOCK_M": bm, "BLOCK_N": bn}
 
 
 # --------------------------------------------------------------------------------------
@@ -726,19 +640,6 @@ def _lsg_bwd_dkdv_sparse_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _strides(name: str, x: torch.Tensor, axes: str = "bhnd") -> dict:
-    """``{"stride_<name><axis>": x.stride(i)}``: kernel stride keywords, named so a misordered
-    stride cannot go unnoticed."""
-    return {f"stride_{name}{a}": x.stride(i) for i, a in enumerate(axes)}
-
-
-def _mask_u8(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """A bool mask as a uint8 view (no copy), or a one-element dummy."""
-    if mask is None:
-        return like.new_zeros((1, 1), dtype=torch.uint8)
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-
-
 def _check(q, k, v, k_sparse, v_sparse, sparse_valid, key_valid, block_size, sparse_block_size, sparsity_factor,
            num_global_tokens, block_offset) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -796,22 +697,6 @@ def _dense_bwd(dout, q, k, v, out, lse, rows: int, causal: bool, scale: float, k
                                   key_mask=None if key_valid is None else key_valid[:, :rows], **dropout)
     return sliding_window_bwd(dout[sl], q[sl], k, v, out[sl], lse[sl], window=None, scale=scale, key_mask=key_valid,
                               **dropout)
-
-
-def _dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], like: torch.Tensor) -> dict:
-    """The kernels' dropout keywords: the state ``(seed, T)`` (a never-read dummy without dropout),
-    ``1 / (1 - p)`` as ``(drop_scale, drop_scale_lo)`` and the ``DROPOUT`` flag."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p == 0.0:
-        return dict(DROP=like.new_empty((2,), dtype=torch.int64), drop_scale=1.0, drop_scale_lo=0.0, DROPOUT=False)
-    if dropout_state is None:
-        raise ValueError(f"dropout_p = {dropout_p} needs dropout_state (lhattn._dropout.make_state)")
-    if dropout_state.shape != (2,) or dropout_state.dtype != torch.int64 or dropout_state.device != like.device:
-        raise ValueError(f"dropout_state must be an int64 [2] tensor (seed, T) on {like.device}, got "
-                         f"{tuple(dropout_state.shape)} {dropout_state.dtype} on {dropout_state.device}")
-    drop_scale, drop_scale_lo = dropout_scale(dropout_p, like.dtype)
-    return dict(DROP=dropout_state, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=True)
 
 
 class _Args:

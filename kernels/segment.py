@@ -42,24 +42,15 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_range, attn_bwd_dq_list, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, bwd_preprocess,
-                    dropout_head_key, dropout_load, dropout_row_keys, next_power_of_2, split_scale, _scale)
-# Shared with the sliding-window family (autotune set-up, dropout arguments, and the kernel
-# that gives the gradient of keys every row sees); see the module docstring of kernels.sliding_window.
-from .sliding_window import _dkdv_configs, _dropout_args, _fwd_configs, _tuned, add_global_key_grads
+                    dropout_head_key, dropout_load, dropout_row_keys, next_power_of_2, _scale)
+from ._launch import (INTERPRET_BLOCKS, _bwd_common, _check_qkv, _dkdv_configs, _fwd_configs, _global_keys_arg,
+                      _mask_arg, _meta_for, _scale_args, _strides, _token_dropout_args, _tuned)
+# The gradient of the keys every row sees is a whole pass of the sliding-window family (public).
+from .sliding_window import add_global_key_grads
 
 __all__ = ["segment_fwd", "segment_bwd", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
-
-INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
-"""``(BLOCK_M, BLOCK_N)`` used under ``TRITON_INTERPRET=1`` (no autotuning there).
-For ``dkdv``, BLOCK_N is the key block of a program and BLOCK_M the query rows per step."""
-
-
-def _meta(kind: str) -> dict:
-    if not INTERPRET:
-        return {}
-    bm, bn = INTERPRET_BLOCKS[kind]
-    return {"BLOCK_M": bm, "BLOCK_N": bn}
+_meta = _meta_for(globals())  # block sizes under the interpreter: this module's INTERPRET_BLOCKS
 
 
 # --------------------------------------------------------------------------------------
@@ -366,15 +357,8 @@ def _seg_bwd_dkdv_kernel(
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: Optional[int],
            segment_bounds: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be [B, H, N, D] and k, v [B, H_kv, N, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _check_qkv(q, k, v, same_length=True)
     b, h, n, d = q.shape
-    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d or h % k.shape[1] != 0:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
-                         "(need the same B, N and D, and H % H_kv == 0)")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {HEAD_DIMS} for the Triton kernels, got {d}")
     if n >= 2 ** 31:
         raise ValueError(f"sequence length must be < 2**31 (32-bit token indices), got {n}")
     if (segment_size is None) == (segment_bounds is None):
@@ -396,14 +380,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: Opti
                              f"{q.device}, got {got}")
 
 
-def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-    """A ``[B, N]`` bool mask as a uint8 view (no copy) with its strides, or a dummy."""
-    if mask is None:
-        return like.new_zeros((1,), dtype=torch.uint8), 0, 0
-    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return m, m.stride(0), m.stride(1)
-
-
 def _segment_args(segment_size: Optional[int], segment_bounds, q: torch.Tensor) -> dict:
     """Kernel arguments describing the segments (fixed size, or per-token bounds)."""
     n = q.shape[2]
@@ -413,16 +389,8 @@ def _segment_args(segment_size: Optional[int], segment_bounds, q: torch.Tensor) 
         return dict(SEG_START=dummy, SEG_END=dummy, stride_ssb=0, stride_ssn=0, stride_seb=0, stride_sen=0,
                     seg_size=size, SEG=min(next_power_of_2(size), 4096), FIXED=True)
     start, end = segment_bounds
-    return dict(SEG_START=start, SEG_END=end, stride_ssb=start.stride(0), stride_ssn=start.stride(1),
-                stride_seb=end.stride(0), stride_sen=end.stride(1), seg_size=0, SEG=0, FIXED=False)
-
-
-def _seg_dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], q: torch.Tensor) -> dict:
-    """The sliding-window family's dropout arguments, less its gathered-row table (a segment
-    pass's rows are token positions)."""
-    drop = _dropout_args(dropout_p, dropout_state, None, q)
-    del drop["DROW"], drop["stride_drb"], drop["DROP_ROWS"]
-    return drop
+    return dict(SEG_START=start, SEG_END=end, **_strides("ss", start, "bn"), **_strides("se", end, "bn"),
+                seg_size=0, SEG=0, FIXED=False)
 
 
 def segment_fwd(
@@ -461,15 +429,12 @@ def segment_fwd(
         float64 for float64 inputs; ``-inf`` where a row sees no key; the undropped softmax's).
     """
     _check(q, k, v, segment_size, segment_bounds)
-    drop = _seg_dropout_args(dropout_p, dropout_state, q)
+    drop = _token_dropout_args(dropout_p, dropout_state, q)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
-    scale = d ** -0.5 if scale is None else float(scale)
-    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
     qm, s_qmb, s_qmn = _mask_arg(query_mask, q)
     km, s_kmb, s_kmn = _mask_arg(key_mask, q)
-    has_global = global_keys is not None and global_keys.shape[1] > 0
-    gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+    gidx, n_glob = _global_keys_arg(global_keys, q)
 
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=acc_dtype(q.dtype), device=q.device)
@@ -479,18 +444,11 @@ def segment_fwd(
 
     _seg_fwd_kernel[grid](
         Q=q, K=k, V=v, O=out, LSE=lse, QM=qm, KM=km, GIDX=gidx,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2), stride_od=out.stride(3),
-        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
-        stride_qmb=s_qmb, stride_qmn=s_qmn, stride_kmb=s_kmb, stride_kmn=s_kmn,
-        stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
-        n=n, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
-        qk_scale=qk_scale, qk_scale_lo=qk_scale_lo,
-        HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global,
-        EXACT_SCALE=exact, USE_EXP2=use_exp2, **_segment_args(segment_size, segment_bounds, q), **drop,
-        **_meta("fwd"),
+        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", out),
+        **_strides("l", lse, "bhn"), stride_qmb=s_qmb, stride_qmn=s_qmn, stride_kmb=s_kmb, stride_kmn=s_kmn,
+        **_strides("g", gidx, "bn"), n=n, n_glob=n_glob, heads_per_kv=h // h_kv, **_scale_args(scale, q),
+        HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=n_glob > 0,
+        **_segment_args(segment_size, segment_bounds, q), **drop, **_meta("fwd"),
     )
     return out, lse
 
@@ -521,27 +479,15 @@ def segment_bwd(
     _check(q, k, v, segment_size, segment_bounds)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
-    scale = d ** -0.5 if scale is None else float(scale)
-    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
-    # dS -> dq/dk use the plain scale (split into float32 halves for float64, like qk_scale)
-    sm_scale, sm_scale_lo = (qk_scale, qk_scale_lo) if exact else (scale, 0.0)
     km, s_kmb, s_kmn = _mask_arg(key_mask, q)
-    has_global = global_keys is not None and global_keys.shape[1] > 0
-    gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+    gidx, n_glob = _global_keys_arg(global_keys, q)
     seg = _segment_args(segment_size, segment_bounds, q)
-    drop = _seg_dropout_args(dropout_p, dropout_state, q)
+    drop = _token_dropout_args(dropout_p, dropout_state, q)
 
     delta = bwd_preprocess(out, dout)  # [B, H, N]; rowsum(dO ∘ O) of the dropped O
-    common = dict(
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
-        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_don=dout.stride(2), stride_dod=dout.stride(3),
-        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
-        stride_deb=delta.stride(0), stride_deh=delta.stride(1), stride_den=delta.stride(2),
-        qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, sm_scale=sm_scale, sm_scale_lo=sm_scale_lo,
-        HEAD_DIM=d, EXACT_SCALE=exact, USE_EXP2=use_exp2,
-    )
+    common = _bwd_common(q, k, v, dout, lse, delta, scale)  # strides, scales, HEAD_DIM
+    kw = dict(KM=km, stride_kmb=s_kmb, stride_kmn=s_kmn, HAS_KMASK=key_mask is not None, heads_per_kv=h // h_kv,
+              **seg, **common, **drop)
 
     # dq: one program per query block (its segment keys + the global keys)
     dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
@@ -550,11 +496,8 @@ def segment_bwd(
         return (triton.cdiv(n, meta["BLOCK_M"]), h, b)
 
     _seg_bwd_dq_kernel[grid_dq](
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq, KM=km, GIDX=gidx,
-        stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqn=dq.stride(2), stride_dqd=dq.stride(3),
-        stride_kmb=s_kmb, stride_kmn=s_kmn, stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
-        n=n, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
-        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **seg, **common, **drop, **_meta("dq"),
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq, GIDX=gidx, **_strides("dq", dq),
+        **_strides("g", gidx, "bn"), n=n, n_glob=n_glob, HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"),
     )
 
     # dk, dv: one program per key block and kv head (segment part)
@@ -565,14 +508,11 @@ def segment_bwd(
         return (triton.cdiv(n, meta["BLOCK_N"]), h_kv, b)
 
     _seg_bwd_dkdv_kernel[grid_kv](
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, KM=km,
-        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
-        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
-        stride_kmb=s_kmb, stride_kmn=s_kmn, n=n, heads_per_kv=h // h_kv,
-        HAS_KMASK=key_mask is not None, **seg, **common, **drop, **_meta("dkdv"),
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, **_strides("dk", dk), **_strides("dv", dv),
+        n=n, **kw, **_meta("dkdv"),
     )
 
-    if has_global:  # the global keys are seen by every (local) row
+    if n_glob > 0:  # the global keys are seen by every (local) row
         add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common, dropout_p=dropout_p,
                              dropout_state=dropout_state)
     return dq, dk, dv

@@ -25,7 +25,11 @@ exact (dropout is linear in ``P`` and ``lse`` is the undropped one).
 Launchers (no autograd here):
 
 * :func:`sliding_window_fwd` ``-> (out [B, H, Nq, D], lse [B, H, Nq])``
-* :func:`sliding_window_bwd` ``-> (dq, dk, dv)``
+* :func:`sliding_window_bwd` ``-> (dq, dk, dv)`` (its passes: ``_bwd_dq``, ``_bwd_dkdv``,
+  :func:`add_global_key_grads`)
+
+Launch plumbing (strides, masks, dropout arguments, tuning, block sizes under the interpreter)
+comes from :mod:`._launch`, shared with the other families.
 
 Memory: ``out``, ``lse`` (float32; float64 for float64 inputs) and, in the backward,
 ``delta [B, H, Nq]``; split passes add ``[S, B, H, M, D]`` partials only for the
@@ -43,126 +47,17 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_list, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, block_range,
-                    bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys, dropout_scale,
-                    merge_partials, next_power_of_2, split_scale, sum_partial_rows, _scale)
+                    bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys, merge_partials,
+                    next_power_of_2, sum_partial_rows, _scale)
+from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _dropout_args,
+                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _scale_args, _split_for, _strides, _tuned)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
-
-INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
-"""``(BLOCK_M, BLOCK_N)`` used under ``TRITON_INTERPRET=1`` (no autotuning there).
-For ``dkdv``, BLOCK_N is the key block of a program and BLOCK_M the query rows per step."""
-
-INTERPRET_SPLIT_CHUNK = 40
-"""Under the interpreter, dense passes split keys (rows for the global-key gradient)
-into chunks of this many, so that the split/merge code runs in CPU tests too."""
-
-
-# --------------------------------------------------------------------------------------
-# block-size configurations
-# --------------------------------------------------------------------------------------
-
-
-def _fwd_configs():
-    """Forward / dq candidates, best first (``LHATTN_AUTOTUNE_CONFIGS=1`` runs the first kept one).
-    128-row tiles on 8 warps lead: two warpgroups of 64 rows keep wgmma at half the registers per
-    thread of the 4-warp tile (no spills at D = 128, see :func:`_tile_cost`)."""
-    out = []
-    for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 2),
-                                  (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return out
-
-
-def _dkdv_configs():
-    """dk/dv candidates (``BLOCK_N`` keys per program, ``BLOCK_M`` query rows per step), best first."""
-    out = []
-    for bn, bm, warps, stages in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 4, 2),
-                                  (64, 32, 4, 3), (32, 32, 4, 2), (32, 16, 2, 2)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return out
-
-
-_REG_BUDGET = {"fwd": 128, "dq": 128, "dkdv": 160}
-"""Largest :func:`_tile_cost` register estimate a kept config may have, per kernel kind.  Calibrated on
-sm_90 with ``python -m bench.sm90`` (bf16/fp16): the measured spilling configs are over it (e.g. fwd
-128x32/4w at D = 128: 160; dq 128x64/4w at D = 64: 192) or use 8 warps on a 64-row tile (see
-:func:`_pruner`)."""
-_SMEM_BUDGET = 200 * 1024  # bytes; an H100 SM has 227 KB per block, Triton adds its own scratch
-
-
-def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, elem: int) -> tuple:
-    """``(registers, shared bytes)`` a config needs, as a model: fp32 accumulator and score elements per
-    thread (float64 counts twice), and the resident + pipelined operand tiles in shared memory.
-
-    fwd: ``acc [BM, D]`` + scores ``[BM, BN]``; q resident, k/v staged.  dq: ``dq [BM, D]`` + scores
-    and dP ``[BM, BN]``; q, dO resident.  dkdv: ``dk, dv [BN, D]`` + transposed scores and dP
-    ``[BN, BM]``; k, v resident, q/dO staged."""
-    threads = 32 * warps
-    words = 2 if elem == 8 else 1
-    if kind == "fwd":
-        regs, smem = bm * d + bm * bn, elem * d * (bm + stages * 2 * bn)
-    elif kind == "dq":
-        regs, smem = bm * d + 2 * bm * bn, elem * d * (2 * bm + stages * 2 * bn)
-    else:
-        regs, smem = 2 * bn * d + 2 * bn * bm, elem * d * (2 * bn + stages * 2 * bm)
-    return words * regs // threads, smem
-
-
-def _pruner(kind: str):
-    """The autotuner's early pruner for one kernel kind: keep the configs whose :func:`_tile_cost`
-    fits the register and shared-memory budgets for this head dim and dtype, and whose 8 warps (two
-    warpgroups) get a 128-row accumulator tile -- on a 64-row tile they split the head dim and spilled
-    at D >= 128 (sm_90, ``bench.sm90``) -- in their best-first order; the smallest tile if none fits.
-    At D >= 128, tiles of fewer than 64 accumulator rows (mma.sync, not wgmma; 32x32/4w spilled there)
-    are kept only when no larger tile fits."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
-        d = args["HEAD_DIM"]
-        q = args.get("Q")
-        elem = q.element_size() if q is not None else 2
-
-        def fits(c):
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            regs, smem = _tile_cost(kind, bm, bn, c.num_warps, c.num_stages, d, elem)
-            return regs <= _REG_BUDGET[kind] and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
-        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
-            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
-        kept = [c for c in configs if fits(c)]
-        if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
-            kept = [c for c in kept if rows(c) >= 64]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return prune
-
-
-def _tuned(configs, key, kind: str):
-    """Autotune on CUDA (``kind``: "fwd", "dq" or "dkdv", see :func:`_pruner`); plain kernel (block
-    sizes passed at launch) under the interpreter."""
-    def wrap(fn):
-        if INTERPRET:
-            return fn
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kind)})(fn)
-    return wrap
-
-
-def _meta(kind: str) -> dict:
-    if not INTERPRET:
-        return {}
-    bm, bn = INTERPRET_BLOCKS[kind]
-    return {"BLOCK_M": bm, "BLOCK_N": bn}
-
-
-def _split(n_programs: int, n_items: int, device: torch.device) -> int:
-    """Chunk length for splitting a serial loop over ``n_items`` (keys of a dense pass,
-    rows of the global-key gradient) when ``n_programs`` alone would leave the GPU idle."""
-    if INTERPRET:
-        return INTERPRET_SPLIT_CHUNK
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = 2 * sms
-    if n_programs >= want or n_items <= 1024:
-        return max(n_items, 1)
-    n_split = min(triton.cdiv(want, n_programs), triton.cdiv(n_items, 512))
-    return triton.cdiv(triton.cdiv(n_items, n_split), 256) * 256
+# under the interpreter: block sizes from this module's INTERPRET_BLOCKS, split chunks from its
+# INTERPRET_SPLIT_CHUNK (module attributes, so that tests can change them for this family)
+_meta = _meta_for(globals())
+_split = _split_for(globals())
 
 
 # --------------------------------------------------------------------------------------
@@ -513,14 +408,8 @@ def _sw_bwd_dkdv_global_kernel(
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, dilation: int) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be [B, H, Nq, D] and k, v [B, H_kv, Nk, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    b, h, nq, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] != 0:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (need same B and D, H % H_kv == 0)")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {HEAD_DIMS} for the Triton kernels, got {d}")
+    _check_qkv(q, k, v, same_length=False)
+    nq = q.shape[2]
     if window is not None and nq != k.shape[2]:
         raise ValueError(f"a sliding window needs as many queries as keys, got Nq={nq}, Nk={k.shape[2]}")
     if window is not None and (len(window) != 2 or min(window) < 0):
@@ -531,50 +420,34 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, dilation: 
         raise ValueError(f"dilation must be >= 1, got {dilation}")
 
 
-def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-    """A ``[B, N]`` bool mask as a uint8 view (no copy) with its strides, or a dummy."""
-    if mask is None:
-        return like.new_zeros((1,), dtype=torch.uint8), 0, 0
-    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return m, m.stride(0), m.stride(1)
-
-
-def _dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], drop_rows: Optional[torch.Tensor],
-                  q: torch.Tensor, dilation: int = 1) -> dict:
-    """Kernel arguments of attention dropout (:mod:`lhattn._dropout`): the state ``(seed, T)``,
-    the row-position table ``drop_rows [B, Nq]`` (made contiguous) and ``1 / (1 - p)``; with
-    ``dropout_p == 0`` dummies and ``DROPOUT=False`` (the compiled no-dropout kernels)."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    dummy = q.new_zeros((1, 1), dtype=torch.int64)
-    if dropout_p == 0.0:
-        return dict(DROP=dummy, DROW=dummy, stride_drb=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT=False,
-                    DROP_ROWS=False)
-    if (dropout_state is None or dropout_state.shape != (2,) or dropout_state.dtype != torch.int64
-            or dropout_state.device != q.device):
-        got = None if dropout_state is None else (tuple(dropout_state.shape), dropout_state.dtype,
-                                                  dropout_state.device)
-        raise ValueError(f"dropout_p > 0 needs dropout_state, an int64 [2] tensor (seed, T) on {q.device}; "
-                         f"got {got}")
-    if drop_rows is not None:
-        b, _, nq, _ = q.shape
-        if drop_rows.shape != (b, nq) or drop_rows.dtype != torch.int64 or drop_rows.device != q.device:
-            raise ValueError(f"drop_rows must be an int64 [B, Nq] = {(b, nq)} tensor on {q.device}, got "
-                             f"{tuple(drop_rows.shape)} {drop_rows.dtype} on {drop_rows.device}")
-        if dilation != 1:
-            raise ValueError(f"drop_rows (gathered query rows) needs dilation 1, got dilation={dilation}")
-    rows = dummy if drop_rows is None else drop_rows.contiguous()
-    hi, lo = dropout_scale(dropout_p, q.dtype)
-    return dict(DROP=dropout_state, DROW=rows, stride_drb=rows.stride(0), drop_scale=hi, drop_scale_lo=lo,
-                DROPOUT=True, DROP_ROWS=drop_rows is not None)
-
-
 def _bands(window, nq: int, nk: int) -> Tuple[int, int, int]:
     """``(left, right, SPAN)`` in kernel units: clamped window, or 'everything' for dense."""
     if window is None:
         return nq + nk, nq + nk, 0
     left, right = (min(int(w), nk) for w in window)
     return left, right, min(next_power_of_2(left + right + 1), 4096)
+
+
+def _band_args(window, dilation: int, nq: int, nk: int) -> dict:
+    """The band keywords of the fwd, dq and dk/dv kernels (:func:`_bands`, the dilation)."""
+    left, right, span = _bands(window, nq, nk)
+    return dict(left=left, right=right, dilation=dilation, SPAN=span)
+
+
+def _key_mask_args(key_mask: Optional[torch.Tensor], like: torch.Tensor) -> dict:
+    """``KM``, its strides and ``HAS_KMASK``: the key-mask keywords of every kernel here."""
+    km, s_kmb, s_kmn = _mask_arg(key_mask, like)
+    return dict(KM=km, stride_kmb=s_kmb, stride_kmn=s_kmn, HAS_KMASK=key_mask is not None)
+
+
+def _key_chunks(window, n_glob: int, n_rows: int, nk: int, device: torch.device) -> Tuple[int, int]:
+    """``(chunk, n_split)``: a dense pass without listed keys (the global rows) is split into key
+    chunks when its ``n_rows`` query blocks alone would leave the GPU idle (partials merged or
+    summed afterwards); anything else is one chunk of all ``nk`` keys."""
+    chunk = nk
+    if window is None and n_glob == 0:
+        chunk = _split(n_rows, nk, device)
+    return chunk, triton.cdiv(nk, chunk)
 
 
 def sliding_window_fwd(
@@ -618,21 +491,13 @@ def sliding_window_fwd(
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q, dilation)
     b, h, nq, d = q.shape
     h_kv, nk = k.shape[1], k.shape[2]
-    scale = d ** -0.5 if scale is None else float(scale)
-    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
-    left, right, span = _bands(window, nq, nk)
     acc = acc_dtype(q.dtype)
     qm, s_qmb, s_qmn = _mask_arg(query_mask, q)
-    km, s_kmb, s_kmn = _mask_arg(key_mask, q)
-    has_global = global_keys is not None and global_keys.shape[1] > 0
-    gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+    gidx, n_glob = _global_keys_arg(global_keys, q)
 
     out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, nq), dtype=acc, device=q.device)
-    chunk = nk
-    if window is None and not has_global:
-        chunk = _split(b * h * triton.cdiv(nq, 64), nk, q.device)
-    n_split = triton.cdiv(nk, chunk)
+    chunk, n_split = _key_chunks(window, n_glob, b * h * triton.cdiv(nq, 64), nk, q.device)
     if n_split > 1:
         o_dst = torch.empty((n_split, b, h, nq, d), dtype=acc, device=q.device)
         l_dst = torch.empty((n_split, b, h, nq), dtype=acc, device=q.device)
@@ -643,20 +508,12 @@ def sliding_window_fwd(
         return (triton.cdiv(triton.cdiv(nq, dilation), meta["BLOCK_M"]) * dilation * n_split, h, b)
 
     _sw_fwd_kernel[grid](
-        Q=q, K=k, V=v, O=o_dst, LSE=l_dst, QM=qm, KM=km, GIDX=gidx,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
-        stride_os=o_dst.stride(0), stride_ob=o_dst.stride(1), stride_oh=o_dst.stride(2),
-        stride_on=o_dst.stride(3), stride_od=o_dst.stride(4),
-        stride_ls=l_dst.stride(0), stride_lb=l_dst.stride(1), stride_lh=l_dst.stride(2), stride_ln=l_dst.stride(3),
-        stride_qmb=s_qmb, stride_qmn=s_qmn, stride_kmb=s_kmb, stride_kmn=s_kmn,
-        stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
-        n_q=nq, n_k=nk, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
-        left=left, right=right, dilation=dilation, chunk=chunk, n_split=n_split,
-        qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, SPAN=span,
-        HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global,
-        EXACT_SCALE=exact, USE_EXP2=use_exp2, **drop, **_meta("fwd"),
+        Q=q, K=k, V=v, O=o_dst, LSE=l_dst, QM=qm, GIDX=gidx,
+        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", o_dst, "sbhnd"),
+        **_strides("l", l_dst, "sbhn"), stride_qmb=s_qmb, stride_qmn=s_qmn, **_strides("g", gidx, "bn"),
+        n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
+        **_band_args(window, dilation, nq, nk), **_key_mask_args(key_mask, q), **_scale_args(scale, q),
+        HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_GLOBAL=n_glob > 0, **drop, **_meta("fwd"),
     )
     if n_split > 1:  # each chunk's output is already dropped with its own columns
         merge_partials(o_dst, l_dst, out, lse)
@@ -684,78 +541,76 @@ def sliding_window_bwd(
     needed: masked rows carry ``lse = -inf`` and get zero gradients).  ``out`` is the
     (dropped) output of the forward, the same dropout arguments regenerate its keep bits.
 
+    Three passes: :func:`_bwd_dq` (query blocks), :func:`_bwd_dkdv` (key blocks of the band or
+    dense part) and, with ``global_keys``, :func:`add_global_key_grads` (the listed keys).
+
     Returns ``dq [B, H, Nq, D]``, ``dk, dv [B, H_kv, Nk, D]`` in the input dtype
     (contiguous); dk/dv are summed over the query heads of each kv head (GQA).
     """
     _check(q, k, v, window, dilation)
-    b, h, nq, d = q.shape
-    h_kv, nk = k.shape[1], k.shape[2]
-    scale = d ** -0.5 if scale is None else float(scale)
-    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
-    # dS -> dq/dk use the plain scale (split into float32 halves for float64, like qk_scale)
-    sm_scale, sm_scale_lo = (qk_scale, qk_scale_lo) if exact else (scale, 0.0)
-    left, right, span = _bands(window, nq, nk)
-    acc = acc_dtype(q.dtype)
-    km, s_kmb, s_kmn = _mask_arg(key_mask, q)
-    has_global = global_keys is not None and global_keys.shape[1] > 0
-    gidx = global_keys if has_global else q.new_zeros((1, 1), dtype=torch.int64)
+    gidx, n_glob = _global_keys_arg(global_keys, q)
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q, dilation)
-
     delta = bwd_preprocess(out, dout)  # [B, H, Nq]; rowsum(dO ∘ O) of the dropped O
+    common = _bwd_common(q, k, v, dout, lse, delta, scale)  # strides, scales, HEAD_DIM
+    band = _band_args(window, dilation, q.shape[2], k.shape[2])
+    kw = dict(**band, **_key_mask_args(key_mask, q), **common, **drop)
 
-    # dq: one program per query block (dense passes split over key chunks, partials summed)
-    dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
-    chunk = nk
-    if window is None and not has_global:
-        chunk = _split(b * h * triton.cdiv(nq, 64), nk, q.device)
-    n_split = triton.cdiv(nk, chunk)
-    dq_dst = torch.empty((n_split, b, h, nq, d), dtype=acc, device=q.device) if n_split > 1 else dq.unsqueeze(0)
-
-    def grid_dq(meta):
-        return (triton.cdiv(triton.cdiv(nq, dilation), meta["BLOCK_M"]) * dilation * n_split, h, b)
-
-    common = dict(
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
-        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_don=dout.stride(2), stride_dod=dout.stride(3),
-        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_ln=lse.stride(2),
-        stride_deb=delta.stride(0), stride_deh=delta.stride(1), stride_den=delta.stride(2),
-        qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, sm_scale=sm_scale, sm_scale_lo=sm_scale_lo,
-        HEAD_DIM=d, EXACT_SCALE=exact, USE_EXP2=use_exp2,
-    )
-    _sw_bwd_dq_kernel[grid_dq](
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq_dst, KM=km, GIDX=gidx,
-        stride_dqs=dq_dst.stride(0), stride_dqb=dq_dst.stride(1), stride_dqh=dq_dst.stride(2),
-        stride_dqn=dq_dst.stride(3), stride_dqd=dq_dst.stride(4),
-        stride_kmb=s_kmb, stride_kmn=s_kmn, stride_gb=gidx.stride(0), stride_gn=gidx.stride(1),
-        n_q=nq, n_k=nk, n_glob=gidx.shape[1] if has_global else 0, heads_per_kv=h // h_kv,
-        left=left, right=right, dilation=dilation, chunk=chunk, n_split=n_split, SPAN=span,
-        HAS_KMASK=key_mask is not None, HAS_GLOBAL=has_global, **common, **drop, **_meta("dq"),
-    )
-    if n_split > 1:
-        sum_partial_rows(dq_dst, dq)
-
-    # dk, dv: one program per key block and kv head (band / dense part)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-
-    def grid_kv(meta):
-        return (triton.cdiv(triton.cdiv(nk, dilation), meta["BLOCK_N"]) * dilation, h_kv, b)
-
-    _sw_bwd_dkdv_kernel[grid_kv](
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, KM=km,
-        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
-        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
-        stride_kmb=s_kmb, stride_kmn=s_kmn,
-        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, left=left, right=right, dilation=dilation, SPAN=span,
-        HAS_KMASK=key_mask is not None, **common, **drop, **_meta("dkdv"),
-    )
-
-    if has_global:  # the listed keys are seen by every query row
+    dq = _bwd_dq(q, k, v, dout, lse, delta, gidx, n_glob, window, kw)
+    dk, dv = _bwd_dkdv(q, k, v, dout, lse, delta, kw)
+    if n_glob > 0:  # the listed keys are seen by every query row
         add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common, dropout_p=dropout_p,
                              dropout_state=dropout_state, drop_rows=drop_rows)
     return dq, dk, dv
+
+
+def _bwd_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+            delta: torch.Tensor, gidx: torch.Tensor, n_glob: int, window, kw: dict) -> torch.Tensor:
+    """dq of :func:`sliding_window_bwd`: one program per query block of a residue class; a dense
+    pass without listed keys is split over key chunks (:func:`_key_chunks`), its partials summed.
+    ``kw``: the band, key-mask, :func:`._launch._bwd_common` and dropout keywords."""
+    b, h, nq, d = q.shape
+    h_kv, nk = k.shape[1], k.shape[2]
+    dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    chunk, n_split = _key_chunks(window, n_glob, b * h * triton.cdiv(nq, 64), nk, q.device)
+    if n_split > 1:
+        dq_dst = torch.empty((n_split, b, h, nq, d), dtype=acc_dtype(q.dtype), device=q.device)
+    else:
+        dq_dst = dq.unsqueeze(0)
+    dilation = kw["dilation"]
+
+    def grid(meta):
+        return (triton.cdiv(triton.cdiv(nq, dilation), meta["BLOCK_M"]) * dilation * n_split, h, b)
+
+    _sw_bwd_dq_kernel[grid](
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq_dst, GIDX=gidx,
+        **_strides("dq", dq_dst, "sbhnd"), **_strides("g", gidx, "bn"),
+        n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
+        HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"),
+    )
+    if n_split > 1:
+        sum_partial_rows(dq_dst, dq)
+    return dq
+
+
+def _bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+              delta: torch.Tensor, kw: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv of the band (or dense) part of :func:`sliding_window_bwd`: one program per key block of
+    a residue class and kv head, summed over the query heads of that kv head (``kw`` as :func:`_bwd_dq`)."""
+    b, h, nq = q.shape[:3]
+    h_kv, nk = k.shape[1], k.shape[2]
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dilation = kw["dilation"]
+
+    def grid(meta):
+        return (triton.cdiv(triton.cdiv(nk, dilation), meta["BLOCK_N"]) * dilation, h_kv, b)
+
+    _sw_bwd_dkdv_kernel[grid](
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv,
+        **_strides("dk", dk), **_strides("dv", dv),
+        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"),
+    )
+    return dk, dv
 
 
 def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -35,10 +35,10 @@ from ..patterns import LSG
 from ..selection import select_sparse
 from ._common import kernel_unsupported_reason
 
-__all__ = ["impl", "reason", "lsg_attention"]
+__all__ = ["lsg_attention", "lsg_unsupported_reason", "impl", "reason"]
 
 
-def reason(q: Tensor, pattern: LSG) -> Optional[str]:
+def lsg_unsupported_reason(q: Tensor, pattern: LSG) -> Optional[str]:
     """None if the Triton LSG kernels can run on ``q``, else a sentence saying why not."""
     # the kernels' "no band" width 2 (N + Tc) + 1024 must fit in int32
     why = kernel_unsupported_reason(q, "LSG", max_tokens=(2 ** 31 - 4096) // 4)
@@ -142,7 +142,7 @@ _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-def impl(
+def lsg_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -172,5 +172,6 @@ def impl(
                                          float(dropout_p), dropout_state)
 
 
-lsg_attention = impl
-"""Alias, named like the other families' entry points."""
+impl = lsg_attention
+"""Dispatch entry point: ``register_triton_backend(LSG, lsg.impl, lsg.reason)``."""
+reason = lsg_unsupported_reason

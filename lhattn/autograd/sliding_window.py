@@ -36,10 +36,10 @@ from ._common import kernel_unsupported_reason
 from ..kernels.sliding_window import sliding_window_bwd, sliding_window_fwd
 from ..patterns import SlidingWindow
 
-__all__ = ["sliding_window_attention", "triton_unsupported_reason"]
+__all__ = ["sliding_window_attention", "sliding_window_unsupported_reason", "impl", "reason"]
 
 
-def triton_unsupported_reason(q: Tensor, pattern: SlidingWindow) -> Optional[str]:
+def sliding_window_unsupported_reason(q: Tensor, pattern: SlidingWindow) -> Optional[str]:
     """None if the Triton sliding-window kernels can run on ``q``, else a sentence why not."""
     return kernel_unsupported_reason(q, "sliding-window", max_tokens=2 ** 31 // max(pattern.dilation, 1))
 
@@ -165,3 +165,8 @@ def attend_global_rows(out: Tensor, lse: Tensor, gidx: Tensor, valid: Optional[T
                                                             scale, dropout_p, dropout_state,
                                                             gidx if dropout_p > 0.0 else None)
     return write_global_rows(out, lse, gidx, out_g, lse_g)
+
+
+impl = sliding_window_attention
+"""Dispatch entry point: ``register_triton_backend(SlidingWindow, sliding_window.impl, sliding_window.reason)``."""
+reason = sliding_window_unsupported_reason

@@ -1,0 +1,352 @@
+"""Host-side launch plumbing shared by the kernel families (no ``@triton.jit`` code in here).
+
+The family modules (:mod:`.sliding_window`, :mod:`.segment`, :mod:`.lsg`) hold their kernels and
+launchers; what a launcher does around a launch that is not specific to one family lives here, so
+that no family imports plumbing from another one (``tests/test_kernel_structure.py`` checks it):
+
+* block sizes under the interpreter: :data:`INTERPRET_BLOCKS`, :func:`_meta_for` / :func:`_meta`;
+* kernel arguments: :func:`_strides`, :func:`_mask_u8` / :func:`_mask_arg`, :func:`_global_keys_arg`,
+  :func:`_scale_args`, :func:`_bwd_common`, :func:`_dropout_args` / :func:`_token_dropout_args`;
+* input checks every family makes: :func:`_check_qkv`;
+* tuning: the candidate configs of each family (:func:`_fwd_configs`, :func:`_dkdv_configs`, the
+  ``_LSG_*`` shapes), the register / shared-memory model :func:`_tile_cost` and its budgets, the
+  early pruner :func:`_pruner` and the decorator :func:`_tuned` (:func:`_lsg_tuned` for LSG's
+  calibration); ``$LHATTN_AUTOTUNE_CONFIGS`` is applied on top by :func:`._core.limit_autotuners`;
+* splitting a serial loop over the GPU: :data:`INTERPRET_SPLIT_CHUNK`, :func:`_split_for` / :func:`_split`.
+
+The device-side helpers every family shares are in :mod:`._core`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import triton
+
+from ._core import HEAD_DIMS, INTERPRET, dropout_scale, next_power_of_2, split_scale
+
+__all__ = ["INTERPRET_BLOCKS", "INTERPRET_SPLIT_CHUNK"]
+
+
+# --------------------------------------------------------------------------------------
+# block sizes under the interpreter
+# --------------------------------------------------------------------------------------
+
+
+INTERPRET_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
+"""``(BLOCK_M, BLOCK_N)`` used under ``TRITON_INTERPRET=1`` (no autotuning there), per kernel kind.
+For ``dkdv``, BLOCK_N is the key block of a program and BLOCK_M the query rows per step.  Each family
+module imports it as its own ``INTERPRET_BLOCKS`` attribute, which its ``_meta`` reads at every
+launch (tests replace a family's attribute to run other tile shapes)."""
+
+INTERPRET_SPLIT_CHUNK = 40
+"""Under the interpreter, dense passes split keys (rows for the global-key gradient)
+into chunks of this many, so that the split/merge code runs in CPU tests too.  Imported by
+:mod:`.sliding_window` as its own attribute, read by its ``_split`` (:func:`_split_for`)."""
+
+
+def _meta(kind: str, blocks: Dict[str, Tuple[int, int]]) -> dict:
+    """The block-size keywords of a launch of kernel ``kind``: ``BLOCK_M``, ``BLOCK_N`` from
+    ``blocks`` under the interpreter, nothing on CUDA (the autotuner picks them)."""
+    if not INTERPRET:
+        return {}
+    bm, bn = blocks[kind]
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+def _meta_for(namespace: dict) -> Callable[[str], dict]:
+    """A family module's ``_meta(kind)``: :func:`_meta` with the ``INTERPRET_BLOCKS`` of
+    ``namespace`` (the module's ``globals()``), looked up at each call."""
+    def meta(kind: str) -> dict:
+        return _meta(kind, namespace["INTERPRET_BLOCKS"])
+    meta.__name__ = meta.__qualname__ = "_meta"
+    return meta
+
+
+# --------------------------------------------------------------------------------------
+# kernel arguments
+# --------------------------------------------------------------------------------------
+
+
+def _strides(name: str, x: torch.Tensor, axes: str = "bhnd") -> dict:
+    """``{"stride_<name><axis>": x.stride(i)}``: kernel stride keywords, named so a misordered
+    stride cannot go unnoticed."""
+    return {f"stride_{name}{a}": x.stride(i) for i, a in enumerate(axes)}
+
+
+def _mask_u8(mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A bool mask as a uint8 view (no copy), or a one-element dummy."""
+    if mask is None:
+        return like.new_zeros((1, 1), dtype=torch.uint8)
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _mask_arg(mask: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """A ``[B, N]`` bool mask as a uint8 view (no copy) with its strides, or a dummy with strides 0."""
+    m = _mask_u8(mask, like)
+    return (m, 0, 0) if mask is None else (m, m.stride(0), m.stride(1))
+
+
+def _global_keys_arg(global_keys: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``(gidx, n_glob)``: the ``[B, G]`` list of keys every row sees, or a dummy and 0 when there is
+    none (None or ``G == 0``)."""
+    if global_keys is None or global_keys.shape[1] == 0:
+        return like.new_zeros((1, 1), dtype=torch.int64), 0
+    return global_keys, global_keys.shape[1]
+
+
+def _scale_args(scale: Optional[float], q: torch.Tensor, backward: bool = False) -> dict:
+    """The softmax-scale keywords (default ``D ** -0.5``): ``qk_scale, qk_scale_lo, EXACT_SCALE,
+    USE_EXP2`` (:func:`._core.split_scale`) and, for the backward kernels, ``sm_scale, sm_scale_lo``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    qk_scale, qk_scale_lo, exact, use_exp2 = split_scale(scale, q.dtype)
+    args = dict(qk_scale=qk_scale, qk_scale_lo=qk_scale_lo, EXACT_SCALE=exact, USE_EXP2=use_exp2)
+    if backward:  # dS -> dq/dk use the plain scale (split into float32 halves for float64, like qk_scale)
+        args.update(sm_scale=qk_scale if exact else scale, sm_scale_lo=qk_scale_lo if exact else 0.0)
+    return args
+
+
+def _bwd_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                delta: torch.Tensor, scale: Optional[float]) -> dict:
+    """The keywords every backward kernel of the sliding-window and segment families takes: strides
+    of q, k, v, dout (``[B, H, N, D]``), lse and delta (``[B, H, N]``), the scales and ``HEAD_DIM``
+    (the ``common`` of :func:`.sliding_window.add_global_key_grads`)."""
+    return dict(**_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("do", dout),
+                **_strides("l", lse, "bhn"), **_strides("de", delta, "bhn"), HEAD_DIM=q.shape[3],
+                **_scale_args(scale, q, backward=True))
+
+
+def _token_dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], like: torch.Tensor) -> dict:
+    """Kernel arguments of attention dropout (:mod:`lhattn._dropout`) when a row's token position is
+    its position (segment, LSG): the state ``DROP = (seed, T)``, ``1 / (1 - p)`` as ``(drop_scale,
+    drop_scale_lo)`` and ``DROPOUT``; with ``dropout_p == 0`` a never-read dummy and ``DROPOUT=False``
+    (the compiled no-dropout kernels)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return dict(DROP=like.new_zeros((1, 1), dtype=torch.int64), drop_scale=1.0, drop_scale_lo=0.0,
+                    DROPOUT=False)
+    if (dropout_state is None or dropout_state.shape != (2,) or dropout_state.dtype != torch.int64
+            or dropout_state.device != like.device):
+        got = None if dropout_state is None else (tuple(dropout_state.shape), dropout_state.dtype,
+                                                  dropout_state.device)
+        raise ValueError(f"dropout_p > 0 needs dropout_state, an int64 [2] tensor (seed, T) on {like.device} "
+                         f"(lhattn._dropout.make_state); got {got}")
+    hi, lo = dropout_scale(dropout_p, like.dtype)
+    return dict(DROP=dropout_state, drop_scale=hi, drop_scale_lo=lo, DROPOUT=True)
+
+
+def _dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], drop_rows: Optional[torch.Tensor],
+                  q: torch.Tensor, dilation: int = 1) -> dict:
+    """:func:`_token_dropout_args` plus the row-position table of the sliding-window kernels:
+    ``DROW = drop_rows [B, Nq]`` (int64, made contiguous; the token position of gathered query row
+    ``m``, dilation 1 only), its batch stride and ``DROP_ROWS``; without it row ``m`` is position ``m``."""
+    drop = _token_dropout_args(dropout_p, dropout_state, q)
+    if not drop["DROPOUT"]:
+        return dict(drop, DROW=drop["DROP"], stride_drb=0, DROP_ROWS=False)
+    if drop_rows is not None:
+        b, _, nq, _ = q.shape
+        if drop_rows.shape != (b, nq) or drop_rows.dtype != torch.int64 or drop_rows.device != q.device:
+            raise ValueError(f"drop_rows must be an int64 [B, Nq] = {(b, nq)} tensor on {q.device}, got "
+                             f"{tuple(drop_rows.shape)} {drop_rows.dtype} on {drop_rows.device}")
+        if dilation != 1:
+            raise ValueError(f"drop_rows (gathered query rows) needs dilation 1, got dilation={dilation}")
+    rows = q.new_zeros((1, 1), dtype=torch.int64) if drop_rows is None else drop_rows.contiguous()
+    return dict(drop, DROW=rows, stride_drb=rows.stride(0), DROP_ROWS=drop_rows is not None)
+
+
+# --------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool) -> None:
+    """q ``[B, H, Nq, D]``, k and v ``[B, H_kv, Nk, D]`` with ``H % H_kv == 0`` and a compiled head dim;
+    ``same_length``: ``Nq == Nk`` too (one sequence)."""
+    n_q, n_k = ("N", "N") if same_length else ("Nq", "Nk")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, H, {n_q}, D] and k, v [B, H_kv, {n_k}, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, h, n, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] != 0 or (same_length and k.shape[2] != n):
+        need = "need the same B, N and D, and H % H_kv == 0" if same_length else "need same B and D, H % H_kv == 0"
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} ({need})")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS} for the Triton kernels, got {d}")
+
+
+# --------------------------------------------------------------------------------------
+# tuning: candidates, cost model, pruner, autotune
+# --------------------------------------------------------------------------------------
+
+
+def _configs(shapes) -> list:
+    """``triton.Config`` of ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` shapes, in order."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+
+
+def _shape(c) -> tuple:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of a config."""
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 2),
+               (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2)]
+"""Forward / dq candidates of the sliding-window and segment kernels, best first."""
+
+_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 2),
+                (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 2, 2)]
+"""dk/dv candidates of the sliding-window and segment kernels (``BLOCK_N`` keys per program,
+``BLOCK_M`` query rows per step), best first."""
+
+
+def _fwd_configs():
+    """Forward / dq candidates, best first (``LHATTN_AUTOTUNE_CONFIGS=1`` runs the first kept one).
+    128-row tiles on 8 warps lead: two warpgroups of 64 rows keep wgmma at half the registers per
+    thread of the 4-warp tile (no spills at D = 128, see :func:`_tile_cost`)."""
+    return _configs(_FWD_SHAPES)
+
+
+def _dkdv_configs():
+    """dk/dv candidates (``BLOCK_N`` keys per program, ``BLOCK_M`` query rows per step), best first."""
+    return _configs(_DKDV_SHAPES)
+
+
+_REG_BUDGET = {"fwd": 128, "dq": 128, "dkdv": 160}
+"""Largest :func:`_tile_cost` register estimate a kept config may have, per kernel kind (sliding window,
+segment).  Calibrated on sm_90 with ``python -m bench.sm90`` (bf16/fp16): the measured spilling configs
+are over it (e.g. fwd 128x32/4w at D = 128: 160; dq 128x64/4w at D = 64: 192) or use 8 warps on a
+64-row tile (see :func:`_pruner`)."""
+_SMEM_BUDGET = 200 * 1024  # bytes; an H100 SM has 227 KB per block, Triton adds its own scratch
+
+_LSG_FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+                   (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 2), (16, 16, 2, 1), (64, 16, 4, 2)]
+"""LSG's forward / dq candidates (``kernels/lsg.py`` imports them as ``_FWD_SHAPES``)."""
+_LSG_DKDV_SHAPES = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2),
+                    (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 2, 2), (16, 16, 2, 2)]
+"""LSG's dk/dv candidates (imported as ``_DKDV_SHAPES``)."""
+
+_LSG_REG_BUDGET = {"fwd": 80, "dq": 96, "dkdv": 144}
+"""Largest :func:`_tile_cost` register estimate a kept LSG config may have, per kernel kind: below
+:data:`_REG_BUDGET`, because LSG's forward and dq kernels carry six band walks (three local, two
+compressed-key windows, the global keys) and its dk/dv kernels two.  Calibrated on sm_90 with
+``python -m bench.sm90 --family lsg``: the spilling configs measured there are over it (fwd 128x64/4w at
+D = 64: 128; fwd 64x64/4w at D = 128: 96; dq 64x64/4w at D = 128: 128; dkdv_local 32x128/8w at D = 128:
+160)."""
+
+_LSG_CAUSAL_LOCAL_DKDV_BUDGET = 120
+""":data:`_LSG_REG_BUDGET` of LSG's causal local dk/dv kernel (``bench.sm90``: 64x128/8w at D = 64, model
+128, took 255 registers and spilled 16 B causal, 248 and none otherwise); ``kernels/lsg.py`` imports it
+as ``_CAUSAL_LOCAL_DKDV_BUDGET``."""
+
+_LSG_D256_SHAPE = {"fwd": (16, 16, 2, 1), "dq": (64, 16, 4, 2), "dkdv": (16, 16, 2, 2)}
+"""The one LSG config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps, stages): the fewest
+spill bytes of the shapes compiled for sm_90 (``python -m bench.sm90 --family lsg --head-dim 256``)."""
+
+
+def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, elem: int) -> tuple:
+    """``(registers, shared bytes)`` a config needs, as a model: fp32 accumulator and score elements per
+    thread (float64 counts twice), and the resident + pipelined operand tiles in shared memory.
+
+    fwd: ``acc [BM, D]`` + scores ``[BM, BN]``; q resident, k/v staged.  dq: ``dq [BM, D]`` + scores
+    and dP ``[BM, BN]``; q, dO resident.  dkdv: ``dk, dv [BN, D]`` + transposed scores and dP
+    ``[BN, BM]``; k, v resident, q/dO staged."""
+    threads = 32 * warps
+    words = 2 if elem == 8 else 1
+    if kind == "fwd":
+        regs, smem = bm * d + bm * bn, elem * d * (bm + stages * 2 * bn)
+    elif kind == "dq":
+        regs, smem = bm * d + 2 * bm * bn, elem * d * (2 * bm + stages * 2 * bn)
+    else:
+        regs, smem = 2 * bn * d + 2 * bn * bm, elem * d * (2 * bn + stages * 2 * bm)
+    return words * regs // threads, smem
+
+
+def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[str] = None,
+            bound: Optional[str] = None, causal_budget: Optional[int] = None,
+            d256: Optional[Dict[str, tuple]] = None):
+    """The autotuner's early pruner for one kernel kind (``kind``: "fwd", "dq" or "dkdv"): keep, in
+    their best-first order, the configs whose :func:`_tile_cost` fits the register budget
+    (``budgets[kind]``, default :data:`_REG_BUDGET`) and :data:`_SMEM_BUDGET` for this head dim and
+    dtype, and whose 8 warps (two warpgroups) get a 128-row accumulator tile -- on a 64-row tile they
+    split the head dim and spilled at D >= 128 (sm_90, ``bench.sm90``).  At D >= 128, tiles of fewer
+    than 64 accumulator rows (mma.sync, not wgmma; 32x32/4w spilled there) are kept only when no larger
+    tile fits.  The smallest tile if none fits.
+
+    Options (LSG, :func:`_lsg_tuned`): ``tile``/``bound``: the ``tile`` axis (the one a program owns) not
+    much longer than the launch argument ``bound`` (an LSG block, ``Tc``); ``causal_budget`` replaces the
+    budget of a ``CAUSAL`` launch; ``d256``: the one shape kept at D >= 256 per kind, where the register
+    model underestimates (or the smallest tile)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
+        d = args["HEAD_DIM"]
+        q = args.get("Q")
+        elem = q.element_size() if q is not None else 2
+        budget = (causal_budget if causal_budget is not None and args.get("CAUSAL")
+                  else (_REG_BUDGET if budgets is None else budgets)[kind])
+        cap = None if tile is None else max(16, next_power_of_2(int(args[bound])))
+
+        def rows(c):  # the accumulator's rows: under 64 there is no wgmma (mma.sync)
+            return c.kwargs["BLOCK_N"] if kind == "dkdv" else c.kwargs["BLOCK_M"]
+
+        def fits(c):
+            regs, smem = _tile_cost(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d,
+                                    elem)
+            return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
+                    and (cap is None or c.kwargs[tile] <= cap))
+        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+        if d256 is not None and d >= 256:  # the register model underestimates here: the tile measured best
+            return [c for c in configs if _shape(c) == d256[kind]] or [smallest]
+        kept = [c for c in configs if fits(c)]
+        if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
+            kept = [c for c in kept if rows(c) >= 64]
+        return kept or [smallest]
+    return prune
+
+
+def _tuned(configs, key, kind: str, **prune):
+    """Autotune on CUDA over ``configs`` with ``key``, pruned by :func:`_pruner` (``kind`` and the
+    ``prune`` options); the plain kernel (block sizes passed at launch, :func:`_meta`) under the
+    interpreter."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        return triton.autotune(configs=configs, key=key,
+                               prune_configs_by={"early_config_prune": _pruner(kind, **prune)})(fn)
+    return wrap
+
+
+def _lsg_tuned(shapes, key, kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
+    """LSG's :func:`_tuned` (``kernels/lsg.py`` imports it as ``_tuned``): candidates given as shapes,
+    :data:`_LSG_REG_BUDGET`, the ``tile``/``bound`` cap, ``causal_budget`` and :data:`_LSG_D256_SHAPE`."""
+    return _tuned(_configs(shapes), key, kind, budgets=_LSG_REG_BUDGET, tile=tile, bound=bound,
+                  causal_budget=causal_budget, d256=_LSG_D256_SHAPE)
+
+
+# --------------------------------------------------------------------------------------
+# splitting serial loops
+# --------------------------------------------------------------------------------------
+
+
+def _split(n_programs: int, n_items: int, device: torch.device, interpret_chunk: int = INTERPRET_SPLIT_CHUNK) -> int:
+    """Chunk length for splitting a serial loop over ``n_items`` (keys of a dense pass,
+    rows of the global-key gradient) when ``n_programs`` alone would leave the GPU idle;
+    ``interpret_chunk`` under the interpreter."""
+    if INTERPRET:
+        return interpret_chunk
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = 2 * sms
+    if n_programs >= want or n_items <= 1024:
+        return max(n_items, 1)
+    n_split = min(triton.cdiv(want, n_programs), triton.cdiv(n_items, 512))
+    return triton.cdiv(triton.cdiv(n_items, n_split), 256) * 256
+
+
+def _split_for(namespace: dict) -> Callable[[int, int, torch.device], int]:
+    """A family module's ``_split(n_programs, n_items, device)``: :func:`_split` with the
+    ``INTERPRET_SPLIT_CHUNK`` of ``namespace`` (the module's ``globals()``), looked up at each call."""
+    def split(n_programs: int, n_items: int, device: torch.device) -> int:
+        return _split(n_programs, n_items, device, namespace["INTERPRET_SPLIT_CHUNK"])
+    split.__name__ = split.__qualname__ = "_split"
+    return split
