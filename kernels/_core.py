@@ -710,14 +710,16 @@ def attn_fwd_band(
     lo, full_lo, full_hi, hi, k_begin, k_end, pos_offset, pos_step, before, after,
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False,
+    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False, RANGE_LOOPS: tl.constexpr = False,
 ):
     """The whole forward band walk of query block ``b_q [BM, D]`` (indices ``o_i [BM]``): key
     tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)`` unmasked, ``[full_hi, hi)`` masked (the
     four bounds of :func:`block_range` or an equivalent).  Row ``i`` sees key ``j`` iff
     ``i - before <= j <= i + after`` and ``k_begin <= j < k_end``; ``before``/``after`` are scalars
-    or ``[BM, 1]``.  Addressing, key mask and dropout as :func:`attn_fwd_range`."""
-    if DROPOUT or HAS_KEY_MASK or b_q.shape[1] > 128:
+    or ``[BM, 1]``.  Addressing, key mask and dropout as :func:`attn_fwd_range`.  ``RANGE_LOOPS``: walk
+    with the :func:`attn_fwd_range` loops (as with dropout or a key mask), for a caller that compiles
+    better with them."""
+    if DROPOUT or HAS_KEY_MASK or RANGE_LOOPS or b_q.shape[1] > 128:
         # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the dropout and
         # key-padding variants at D = 64, and D = 256 on its mma.sync tiles)
         acc, m_i, l_i = attn_fwd_range(
