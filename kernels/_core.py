@@ -629,8 +629,13 @@ def attn_bwd_dkdv_range(
 #   column offsets ``0..BLOCK-1`` (loop-invariant) against ``lo - j0`` (one per row and tile)
 #   instead of rebuilding the absolute column index of every element (except the forward at
 #   D < 128, where that costs registers: 152 instead of 127 at 128x64/8w, D = 64, on sm_90).
-# * unmasked tiles advance their k/v (q/dO) pointers by one tile per step instead of recomputing
-#   ``pos_offset + j * pos_step`` in int64 every tile (as Triton's tutorial 06 does).
+# * unmasked forward / dq tiles advance their k/v pointers by one tile per step instead of
+#   recomputing ``pos_offset + j * pos_step`` in int64 every tile (as Triton's tutorial 06 does).
+#
+# Where the ``*_range`` loops compile better on sm_90 (``python -m bench.sm90``) the band helpers walk
+# with them instead: with dropout (every pass: the dk/dv pass spilled 24 B with the band tiles), the
+# forward with a key mask or at D > 128, and when the caller asks (``RANGE_LOOPS``: the segment
+# forward with per-token bounds, the segment dq at D = 256).
 
 
 @triton.jit
