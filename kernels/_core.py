@@ -52,6 +52,7 @@ __all__ = [
     "limit_autotuners",
     "cast_to", "block_range", "online_softmax_update", "attn_fwd_range", "attn_fwd_list", "attn_fwd_finalize",
     "attn_bwd_load_rows", "attn_bwd_dq_range", "attn_bwd_dq_list", "attn_bwd_dkdv_heads", "attn_bwd_dkdv_range",
+    "attn_fwd_band", "attn_bwd_dq_band", "attn_bwd_dkdv_band",
     "bwd_preprocess", "merge_partials", "sum_partial_rows",
     "mix32", "dropout_load", "dropout_head_key", "dropout_row_keys", "dropout_keep", "dropout_scale",
 ]
@@ -609,6 +610,340 @@ def attn_bwd_dkdv_range(
         i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
         BLOCK_M, MASKED, EXACT_SCALE, USE_EXP2,
         b_kcol, drop_seed, drop_bh, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+
+
+# --------------------------------------------------------------------------------------
+# the band walk: masked edge, unmasked middle, masked edge -- one helper per pass
+# --------------------------------------------------------------------------------------
+#
+# The sliding-window and segment kernels walk a band of key (or query) tiles as three loops:
+# ``[lo, full_lo)`` with the per-element mask, ``[full_lo, full_hi)`` without it, ``[full_hi, hi)``
+# with it (see :func:`block_range`).  :func:`attn_fwd_band`, :func:`attn_bwd_dq_band` and
+# :func:`attn_bwd_dkdv_band` do the whole walk; their tile loops differ from the ``*_range``
+# helpers (which the LSG kernels keep using) in two ways:
+#
+# * masked tiles load at *clamped* indices (``min(max(j, k_begin), k_end - 1)``), always in
+#   bounds, so the loads need no predicate; the columns outside ``[k_begin, k_end)`` are already
+#   outside every row's interval (:func:`_row_interval` clips to it), so they get ``-inf`` and
+#   their (finite) loaded values never reach a result.  The interval test compares the tile's
+#   column offsets ``0..BLOCK-1`` (loop-invariant) against ``lo - j0`` (one per row and tile)
+#   instead of rebuilding the absolute column index of every element (except the forward at
+#   D < 128, where that costs registers: 152 instead of 127 at 128x64/8w, D = 64, on sm_90).
+# * unmasked forward / dq tiles advance their k/v pointers by one tile per step instead of
+#   recomputing ``pos_offset + j * pos_step`` in int64 every tile (as Triton's tutorial 06 does).
+#
+# Where the ``*_range`` loops compile better on sm_90 (``python -m bench.sm90``) the band helpers walk
+# with them instead: with dropout (every pass: the dk/dv pass spilled 24 B with the band tiles), the
+# forward with a key mask or at D > 128, and when the caller asks (``RANGE_LOOPS``: the segment
+# forward with per-token bounds, the segment dq at D = 256).
+
+
+@triton.jit
+def _i64(x):
+    """``x`` (a scalar tensor or a constexpr) as an int64 scalar tensor."""
+    return x + tl.zeros([], dtype=tl.int64)
+
+
+@triton.jit
+def _clamp_index(o_j, k_begin, k_end):
+    """``o_j`` clamped into ``[k_begin, k_end - 1]`` (the caller never visits an empty range)."""
+    return tl.minimum(tl.maximum(o_j, k_begin), k_end - 1)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    j_lo, j_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, b_rk, col_offset, drop_thresh, DROPOUT: tl.constexpr,
+):
+    """One loop of :func:`attn_fwd_band` over the key tiles ``[j_lo, j_hi)``."""
+    o_c = tl.arange(0, BLOCK_N)  # [BN] column offsets inside a tile
+    if MASKED:
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)  # per loop: fewer live registers
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            o_pos = (pos_offset + _clamp_index(j0 + o_c, k_begin, k_end) * pos_step).to(tl.int64)
+            b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D], in bounds
+            b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
+            b_s = _mm(b_q, tl.trans(b_k), None)
+            if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
+                b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+            if b_q.shape[1] >= 128:  # column offsets vs lo - j0 (fewer instructions)
+                b_s = tl.where(_in_interval(o_c, r_lo - j0, r_span), b_s, float("-inf"))
+            else:  # absolute columns: 25 fewer registers at D = 64 (127, under 128: 16 warps/SM at 8 warps)
+                b_s = tl.where(_in_interval(j0 + o_c, r_lo, r_span), b_s, float("-inf"))
+            if HAS_KEY_MASK:
+                b_s = tl.where((tl.load(p_km + o_pos * stride_kmn) != 0)[None, :], b_s, float("-inf"))
+            b_keep = None
+            if DROPOUT:
+                b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+            if EXACT_SCALE:
+                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+            else:
+                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
+    else:
+        o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)  # [BN] positions of the first tile
+        p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # [BN, D]
+        p_vt = p_v + o_pos[:, None] * stride_vn + o_vd[None, :]
+        p_kmt = p_km + o_pos * stride_kmn
+        step = _i64(BLOCK_N * pos_step)  # positions per tile
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            b_k = tl.load(p_kt)
+            b_v = tl.load(p_vt)
+            b_s = _mm(b_q, tl.trans(b_k), None)
+            if EXACT_SCALE:
+                b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+            if HAS_KEY_MASK:
+                b_s = tl.where((tl.load(p_kmt) != 0)[None, :], b_s, float("-inf"))
+            b_keep = None
+            if DROPOUT:
+                b_keep = dropout_keep(b_rk, col_offset + pos_offset + (j0 + o_c) * pos_step, drop_thresh)
+            if EXACT_SCALE:
+                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+            else:
+                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
+            p_kt += step * stride_kn
+            p_vt += step * stride_vn
+            p_kmt += step * stride_kmn
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_band(
+    acc, m_i, l_i, b_q, o_i,
+    p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    lo, full_lo, full_hi, hi, k_begin, k_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False, RANGE_LOOPS: tl.constexpr = False,
+):
+    """The whole forward band walk of query block ``b_q [BM, D]`` (indices ``o_i [BM]``): key
+    tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)`` unmasked, ``[full_hi, hi)`` masked (the
+    four bounds of :func:`block_range` or an equivalent).  Row ``i`` sees key ``j`` iff
+    ``i - before <= j <= i + after`` and ``k_begin <= j < k_end``; ``before``/``after`` are scalars
+    or ``[BM, 1]``.  Addressing, key mask and dropout as :func:`attn_fwd_range`.  ``RANGE_LOOPS``: walk
+    with the :func:`attn_fwd_range` loops (as with dropout or a key mask), for a caller that compiles
+    better with them."""
+    if DROPOUT or HAS_KEY_MASK or RANGE_LOOPS or b_q.shape[1] > 128:
+        # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the dropout and
+        # key-padding variants at D = 64, and D = 256 on its mma.sync tiles)
+        acc, m_i, l_i = attn_fwd_range(
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo,
+            k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+        acc, m_i, l_i = attn_fwd_range(
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo, full_hi,
+            k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KEY_MASK,
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+        acc, m_i, l_i = attn_fwd_range(
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi, hi,
+            k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+    else:
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo, k_begin,
+            k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK, EXACT_SCALE,
+            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo, full_hi,
+            k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KEY_MASK,
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi, hi, k_begin,
+            k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK, EXACT_SCALE,
+            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_tiles(
+    b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    j_lo, j_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
+):
+    """One loop of :func:`attn_bwd_dq_band` over the key tiles ``[j_lo, j_hi)``."""
+    o_c = tl.arange(0, BLOCK_N)
+    if MASKED:
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)  # per loop: fewer live registers
+    o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)
+    p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # unmasked: advanced one tile per step
+    p_vt = p_v + o_pos[:, None] * stride_vn + o_vd[None, :]
+    p_kmt = p_km + o_pos * stride_kmn
+    step = _i64(BLOCK_N * pos_step)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        if MASKED:
+            o_cur = (pos_offset + _clamp_index(j0 + o_c, k_begin, k_end) * pos_step).to(tl.int64)
+            b_k = tl.load(p_k + o_cur[:, None] * stride_kn + o_kd[None, :])  # in bounds
+            b_v = tl.load(p_v + o_cur[:, None] * stride_vn + o_vd[None, :])
+            b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_c, r_lo - j0, r_span, qk_scale, qk_scale_lo,
+                                 EXACT_SCALE)  # [BM, BN]
+            if HAS_KEY_MASK:
+                b_s = tl.where((tl.load(p_km + o_cur * stride_kmn) != 0)[None, :], b_s, float("-inf"))
+        else:
+            b_k = tl.load(p_kt)
+            b_v = tl.load(p_vt)
+            b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
+            if HAS_KEY_MASK:
+                b_s = tl.where((tl.load(p_kmt) != 0)[None, :], b_s, float("-inf"))
+            o_cur = pos_offset + (j0 + o_c) * pos_step  # dropout columns only
+        b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
+        b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_cur, drop_thresh)
+            b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
+        if not MASKED:
+            p_kt += step * stride_kn
+            p_vt += step * stride_vn
+            p_kmt += step * stride_kmn
+    return b_dq
+
+
+@triton.jit
+def attn_bwd_dq_band(
+    b_dq, b_q, b_do, b_lse, b_delta, o_i,
+    p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    lo, full_lo, full_hi, hi, k_begin, k_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
+    RANGE_LOOPS: tl.constexpr = False,
+):
+    """``dq += dS k`` over the whole band walk (bounds and visibility as :func:`attn_fwd_band`;
+    arithmetic, key mask and dropout as :func:`attn_bwd_dq_range`).  ``RANGE_LOOPS``: walk with the
+    :func:`attn_bwd_dq_range` loops (as with dropout), for a caller that compiles better with them."""
+    if DROPOUT or RANGE_LOOPS:  # the *_range loops: fewer registers with dropout
+        b_dq = attn_bwd_dq_range(
+            b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
+            full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+        b_dq = attn_bwd_dq_range(
+            b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+            full_lo, full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N,
+            False, HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo,
+            DROPOUT)
+        b_dq = attn_bwd_dq_range(
+            b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+            full_hi, hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+    else:
+        b_dq = _dq_tiles(
+            b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
+            full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+        b_dq = _dq_tiles(
+            b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo,
+            full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False,
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+        b_dq = _dq_tiles(
+            b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi,
+            hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+    return b_dq
+
+
+@triton.jit
+def _dkdv_tiles(
+    b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh, stride_dh,
+    stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+    i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo,
+    DROPOUT: tl.constexpr, p_drow, DROP_ROWS: tl.constexpr,
+):
+    """One loop of :func:`attn_bwd_dkdv_band` over the query tiles ``[i_lo, i_hi)`` of ``n_heads``
+    heads (one flat loop, as :func:`attn_bwd_dkdv_heads`)."""
+    o_r = tl.arange(0, BLOCK_M)  # [BM] row offsets inside a tile
+    if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
+        c_lo, c_span = _row_interval(o_j, after, before, r_begin, r_end)
+    n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
+    for it in range(0, n_blk * n_heads):
+        i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
+        i0 = i_lo + (it // n_heads) * BLOCK_M
+        if MASKED:  # clamped rows: loads in bounds; rows outside [r_begin, r_end) are outside every interval
+            o_pos = (pos_offset + _clamp_index(i0 + o_r, r_begin, r_end) * pos_step).to(tl.int64)
+        else:
+            o_pos = (pos_offset + (i0 + o_r) * pos_step).to(tl.int64)
+        b_q = tl.load(p_q + i_h * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :])  # [BM, D]
+        b_do = tl.load(p_do + i_h * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
+        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
+                                            stride_dn, o_r >= 0, False, USE_EXP2)
+        if MASKED:
+            b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_r, c_lo - i0, c_span, qk_scale, qk_scale_lo,
+                                  EXACT_SCALE)  # [BN, BM]
+        else:
+            b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
+        b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
+        b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
+        if DROPOUT:
+            o_i = i0 + o_r
+            if DROP_ROWS:
+                o_tok = tl.load(p_drow + o_i, mask=(o_i >= r_begin) & (o_i < r_end), other=0)
+            else:
+                o_tok = pos_offset + o_i * pos_step
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_tok)  # [BM]
+            b_keep_t = mix32(b_kcol.to(tl.uint32)[:, None] ^ b_rk[None, :]) >= drop_thresh  # [BN, BM]
+            b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+            b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
+            b_dpt = tl.where(b_keep_t, _scale(b_dpt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+        else:
+            b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
+    return b_dk, b_dv
+
+
+@triton.jit
+def attn_bwd_dkdv_band(
+    b_dk, b_dv, b_k, b_v, o_j,
+    p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh, stride_dh,
+    stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+    lo, full_lo, full_hi, hi, r_begin, r_end, pos_offset, pos_step, before, after,
+    qk_scale, qk_scale_lo,
+    BLOCK_M: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False,
+):
+    """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]`` (indices ``o_j``)
+    over the whole band walk of query tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)``
+    unmasked, ``[full_hi, hi)`` masked, summed over ``n_heads`` query heads (arguments, masks and
+    dropout as :func:`attn_bwd_dkdv_heads`; ``before``/``after`` scalars or ``[BN, 1]``)."""
+    if DROPOUT:  # attn_bwd_dkdv_heads: the dropout variant spilled 24 B with the band tiles (sm_90, D = 64)
+        b_dk, b_dv = attn_bwd_dkdv_heads(
+            b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
+            stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
+            pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+        b_dk, b_dv = attn_bwd_dkdv_heads(
+            b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
+            stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,
+            pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2,
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+        b_dk, b_dv = attn_bwd_dkdv_heads(
+            b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
+            stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_hi, hi, r_begin, r_end,
+            pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+    else:
+        b_dk, b_dv = _dkdv_tiles(
+            b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
+            stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
+            pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+        b_dk, b_dv = _dkdv_tiles(
+            b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
+            stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,
+            pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2,
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+        b_dk, b_dv = _dkdv_tiles(
+            b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
+            stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_hi, hi, r_begin, r_end,
+            pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+    return b_dk, b_dv
 
 
 # --------------------------------------------------------------------------------------

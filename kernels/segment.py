@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_range, attn_bwd_dq_list, attn_bwd_dq_range,
-                    attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, bwd_preprocess,
+from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bwd_dq_band, attn_bwd_dq_list,
+                    attn_bwd_load_rows, attn_fwd_band, attn_fwd_finalize, attn_fwd_list, bwd_preprocess,
                     dropout_head_key, dropout_load, dropout_row_keys, next_power_of_2, _scale)
 from ._launch import (INTERPRET_BLOCKS, _bwd_common, _check_qkv, _dkdv_configs, _fwd_configs, _global_keys_arg,
                       _mask_arg, _meta_for, _scale_args, _strides, _token_dropout_args, _tuned)
@@ -147,18 +147,11 @@ def _seg_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     # segment-edge blocks (masked), blocks inside every row's segment (unmasked), edge again
-    acc, m_i, l_i = attn_fwd_range(
+    acc, m_i, l_i = attn_fwd_band(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, lo, full_lo, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
-    acc, m_i, l_i = attn_fwd_range(
-        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, full_lo, full_hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
-    acc, m_i, l_i = attn_fwd_range(
-        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, full_hi, hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+        o_d * stride_vd, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
+        BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT,
+        RANGE_LOOPS=not FIXED)  # per-token bounds: 128 registers (16 warps/SM at 8 warps) instead of 160
     if HAS_GLOBAL:
         acc, m_i, l_i = attn_fwd_list(
             acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
@@ -232,21 +225,12 @@ def _seg_bwd_dq_kernel(
     lo, full_lo, full_hi, hi = _segment_block_range(s_first, e_first, s_last, e_last, BLOCK_N)
 
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
-    b_dq = attn_bwd_dq_range(
+    b_dq = attn_bwd_dq_band(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
-        o_d * stride_kd, o_d * stride_vd, lo, full_lo, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dq = attn_bwd_dq_range(
-        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
-        o_d * stride_kd, o_d * stride_vd, full_lo, full_hi, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dq = attn_bwd_dq_range(
-        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
-        o_d * stride_kd, o_d * stride_vd, full_hi, hi, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+        o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
+        qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
+        RANGE_LOOPS=HEAD_DIM > 128)  # D = 256 (mma.sync tiles): unmasked tile 309 SASS vs 366 with the band tiles
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
@@ -310,31 +294,15 @@ def _seg_bwd_dkdv_kernel(
     if DROPOUT:  # row keys are rebuilt per query head from the seed; key columns = key positions
         drop_seed, drop_thresh = dropout_load(DROP)
 
-    for i_g in range(0, heads_per_kv):
-        i_h = i_hk * heads_per_kv + i_g
-        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-        p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-        p_lse = LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
-        p_delta = DELTA + i_b.to(tl.int64) * stride_deb + i_h.to(tl.int64) * stride_deh
-        drop_bh = i_b * heads_per_kv * tl.num_programs(1) + i_h  # b·H + h
-        b_dk, b_dv = attn_bwd_dkdv_range(
-            b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_den,
-            o_d * stride_qd, o_d * stride_dod, lo, full_lo, s_first, e_last, 0, 1, before, after,
-            qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
-            drop_bh=drop_bh, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo,
-            DROPOUT=DROPOUT)
-        b_dk, b_dv = attn_bwd_dkdv_range(
-            b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_den,
-            o_d * stride_qd, o_d * stride_dod, full_lo, full_hi, s_first, e_last, 0, 1, before, after,
-            qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
-            drop_bh=drop_bh, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo,
-            DROPOUT=DROPOUT)
-        b_dk, b_dv = attn_bwd_dkdv_range(
-            b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, stride_qn, stride_don, stride_ln, stride_den,
-            o_d * stride_qd, o_d * stride_dod, full_hi, hi, s_first, e_last, 0, 1, before, after,
-            qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
-            drop_bh=drop_bh, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo,
-            DROPOUT=DROPOUT)
+    # query heads of this kv head and their row blocks run in one flat loop per band segment
+    b_dk, b_dv = attn_bwd_dkdv_band(
+        b_dk, b_dv, b_k, b_v, o_n, Q + i_b.to(tl.int64) * stride_qb, DO + i_b.to(tl.int64) * stride_dob,
+        LSE + i_b.to(tl.int64) * stride_lb, DELTA + i_b.to(tl.int64) * stride_deb, i_hk * heads_per_kv,
+        heads_per_kv, stride_qh, stride_doh, stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den,
+        o_d * stride_qd, o_d * stride_dod, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
+        qk_scale, qk_scale_lo, BLOCK_M, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
+        drop_bh0=i_b * heads_per_kv * tl.num_programs(1), drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
 
     # keys the segment pass does not see (padding, global) get nothing from it
     m_key = m_n

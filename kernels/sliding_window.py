@@ -45,10 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_list, attn_bwd_dq_range,
-                    attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_list, attn_fwd_range, block_range,
-                    bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys, merge_partials,
-                    next_power_of_2, sum_partial_rows, _scale)
+from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bwd_dkdv_heads, attn_bwd_dq_band,
+                    attn_bwd_dq_list, attn_bwd_load_rows, attn_fwd_band, attn_fwd_finalize, attn_fwd_list, block_range,
+                    bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys,
+                    merge_partials, next_power_of_2, sum_partial_rows, _scale)
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _dropout_args,
                       _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _scale_args, _split_for, _strides, _tuned)
 
@@ -129,18 +129,10 @@ def _sw_fwd_kernel(
 
     lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
     # left band edge (masked), full blocks (no band mask), right band edge (masked)
-    acc, m_i, l_i = attn_fwd_range(
+    acc, m_i, l_i = attn_fwd_band(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, lo, full_lo, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
-    acc, m_i, l_i = attn_fwd_range(
-        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, full_lo, full_hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
-    acc, m_i, l_i = attn_fwd_range(
-        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+        o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
     if HAS_GLOBAL:
         # keys every row sees, at absolute positions (never split: n_split == 1 here)
         acc, m_i, l_i = attn_fwd_list(
@@ -213,20 +205,10 @@ def _sw_bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
-    b_dq = attn_bwd_dq_range(
+    b_dq = attn_bwd_dq_band(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
-        o_d * stride_kd, o_d * stride_vd, lo, full_lo, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dq = attn_bwd_dq_range(
-        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
-        o_d * stride_kd, o_d * stride_vd, full_lo, full_hi, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dq = attn_bwd_dq_range(
-        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
-        o_d * stride_kd, o_d * stride_vd, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+        o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
+        qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
         drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
@@ -294,25 +276,11 @@ def _sw_bwd_dkdv_kernel(
     if DROPOUT:  # row keys are rebuilt per query head from the seed; key columns = key positions
         drop_seed, drop_thresh = dropout_load(DROP)
         drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H
-    b_dk, b_dv = attn_bwd_dkdv_heads(
+    b_dk, b_dv = attn_bwd_dkdv_band(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        lo, full_lo, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
-    b_dk, b_dv = attn_bwd_dkdv_heads(
-        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
-        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        full_lo, full_hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_M, False, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
-    b_dk, b_dv = attn_bwd_dkdv_heads(
-        b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
-        stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        full_hi, hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_M, True, EXACT_SCALE, USE_EXP2,
+        lo, full_lo, full_hi, hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
+        BLOCK_M, EXACT_SCALE, USE_EXP2,
         b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
         drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
 
