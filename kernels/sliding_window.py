@@ -434,7 +434,23 @@ def _sw_bwd_dkdv_kernel(
              mask=m_n[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "DROPOUT"], kind="dkdv")
+def _global_key_tuning(fn):
+    """Autotuning of :func:`_sw_bwd_dkdv_global_kernel`: for at most 32 listed keys, only the dk/dv
+    configs of 32-key tiles (LSG's one global token no longer costs a 128-slot tile; a 16-slot
+    64x16/4w tile spilled 8 B with dropout on sm_90, 32x32/4w none); then the dk/dv pruner."""
+    if INTERPRET:
+        return fn
+    configs = _dkdv_configs()
+
+    def prune(configs, named_args, **kwargs):
+        if int({**named_args, **kwargs}["n_glob"]) <= 32:
+            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
+        return _pruner("dkdv")(configs, named_args, **kwargs)
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "n_glob"],
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+@_global_key_tuning
 @triton.jit
 def _sw_bwd_dkdv_global_kernel(
     Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW,
@@ -775,7 +791,7 @@ def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     b, h, nq, d = q.shape
     h_kv = k.shape[1]
     n_glob = global_keys.shape[1]
-    block_n = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 64
+    block_n = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else (32 if n_glob <= 32 else 64)
     chunk_r = _split(b * h_kv * triton.cdiv(n_glob, block_n), nq, q.device)
     n_split_r = triton.cdiv(nq, chunk_r)
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q)
