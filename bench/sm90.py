@@ -16,7 +16,8 @@ program order) and their instructions counted and classified; the PTX gives the 
 load kinds.  A dense flash-attention forward in the style of Triton's tutorial 06 (written here,
 :func:`_ref_attn_fwd_kernel`) is compiled the same way as the yardstick row.
 
-Output: ``sm90.json`` (one record per compiled variant) and ``sm90.md`` in ``--out``.
+Output: ``sm90.json`` (one record per compiled variant; with the LSG family, ``meta.lsg_tiles``: the
+useful-tile fraction of :mod:`bench.tiles`) and ``sm90.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -468,7 +469,10 @@ LOOP_PLAN: Dict[str, Callable[[dict], Tuple[str, ...]]] = {
     "_lsg_fwd_kernel": lambda c: _lsg_plan(c),
     "_lsg_bwd_dq_kernel": lambda c: _lsg_plan(c),
     "_lsg_bwd_dkdv_local_kernel": lambda c: _BAND3,
-    "_lsg_bwd_dkdv_sparse_kernel": lambda c: ("masked",) * (1 if c.get("CAUSAL") else 2),
+    "_lsg_bwd_dkdv_sparse_kernel": lambda c: _BAND3 * (1 if c.get("CAUSAL") else 2),  # per row span
+    "_lsg_global_rows_fwd_kernel": lambda c: ("unmasked", "masked"),
+    "_lsg_global_rows_dq_kernel": lambda c: ("unmasked", "masked"),
+    "_lsg_global_rows_dkdv_kernel": lambda c: ("masked",),
     "_ref_attn_fwd_kernel": lambda c: ("unmasked", "masked") if c.get("CAUSAL") else ("unmasked",),
 }
 
@@ -572,7 +576,8 @@ QUICK = [  # (family, dtype, head dim, variant, kernels to keep (None: all), con
     ("sliding_window", torch.bfloat16, 64, "base", ("sw_fwd", "sw_bwd_dq", "sw_bwd_dkdv"), 2),
     ("sliding_window", torch.bfloat16, 128, "base", ("sw_fwd", "sw_bwd_dq", "sw_bwd_dkdv"), 2),
     ("segment", torch.bfloat16, 64, "base", ("seg_fwd", "seg_bwd_dq", "seg_bwd_dkdv"), 1),
-    ("lsg", torch.bfloat16, 64, "base", ("lsg_fwd", "lsg_bwd_dq", "lsg_bwd_dkdv_local", "lsg_bwd_dkdv_sparse"), 1),
+    ("lsg", torch.bfloat16, 64, "base", ("lsg_fwd", "lsg_bwd_dq", "lsg_bwd_dkdv_local", "lsg_bwd_dkdv_sparse",
+                                         "lsg_global_rows_fwd", "lsg_global_rows_dq", "lsg_global_rows_dkdv"), 1),
 ]
 """The quick subset (a fast look): the headline configs of each family."""
 
@@ -715,8 +720,40 @@ def _same_config_ref(r: dict, refs: List[dict]) -> Optional[int]:
     return None
 
 
-def targets(records: List[dict]) -> List[str]:
-    """The issue's static targets, checked on the records (forward/dq kernels of the families)."""
+LSG_TILE_TARGET = 0.90
+"""Issue 11's LSG target: useful-tile fraction (:mod:`bench.tiles`) at block 128, factor 2, n = 16k, one
+global token."""
+
+
+def lsg_tiles() -> dict:
+    """:mod:`bench.tiles`' useful-tile fraction of one LSG forward + backward at :data:`LSG_PARAMS`,
+    :data:`SHAPE`, D = 64, bf16 (the autotuner's first kept config of every launch)."""
+    from bench.tiles import as_json, count, record_lsg
+    res = as_json(count(record_lsg(SHAPE["n"], batch=SHAPE["batch"], heads=SHAPE["heads"], head_dim=64,
+                                   block_size=LSG_PARAMS["block_size"],
+                                   sparse_block_size=LSG_PARAMS["sparse_block_size"],
+                                   sparsity_factor=LSG_PARAMS["sparsity_factor"],
+                                   num_global_tokens=LSG_PARAMS["num_global_tokens"])))
+    res["params"] = dict(**LSG_PARAMS, **SHAPE, head_dim=64, dtype="bfloat16")
+    return res
+
+
+def _tiles_line(tiles: Optional[dict]) -> List[str]:
+    if not tiles:
+        return []
+    ok = "met" if tiles["total"]["fraction"] >= LSG_TILE_TARGET else "NOT met"
+    worst = sorted(tiles["kernels"].items(), key=lambda kv: kv[1]["fraction"])[:3]
+    return [f"- LSG useful-tile fraction >= {LSG_TILE_TARGET:.0%} (`python -m bench.tiles`: useful (query, key) "
+            f"pairs / BLOCK_M x BLOCK_N of every executed tile, fwd + bwd, n={tiles['params']['n']}, block "
+            f"{tiles['params']['block_size']}, factor {tiles['params']['sparsity_factor']}, "
+            f"{tiles['params']['num_global_tokens']} global token, D=64): {tiles['total']['fraction']:.1%} ({ok}; "
+            f"fwd {tiles['fwd']['fraction']:.1%}, bwd {tiles['bwd']['fraction']:.1%}; lowest: "
+            + ", ".join(f"{k.strip('_')} {v['fraction']:.1%}" for k, v in worst) + ")"]
+
+
+def targets(records: List[dict], tiles: Optional[dict] = None) -> List[str]:
+    """The issue's static targets, checked on the records (forward/dq kernels of the families) and,
+    when given, :func:`lsg_tiles`' useful-tile fraction."""
     ok = [r for r in records if "error" not in r and r["family"] != "reference" and r.get("block_m")
           and r.get("kept", True)]
     refs = [r for r in records if "error" not in r and r["family"] == "reference" and r["variant"] == "base"]
@@ -746,6 +783,7 @@ def targets(records: List[dict]) -> List[str]:
         f"- forward unmasked tile <= 1.1x the reference row at the same tile/warps/D: {len(fwd) - len(fwd_bad)} of "
         f"{len(fwd)}" + (f" (over: {names(fwd_bad)})" if fwd_bad else ""),
         f"- D=128 forward/dq on 128-row wgmma tiles without spills: {', '.join(d128) or 'none'}",
+        *_tiles_line(tiles),
     ]
 
 
@@ -771,7 +809,8 @@ def markdown(records: List[dict], meta: dict) -> str:
     pruned = [r for r in ok if not r.get("kept", True)]
     lines += ["## Targets (issue 11)", "", "Over the variants today's pruners keep"
               + (f" ({len(pruned)} compiled variants are no longer kept and are left out here; they are "
-                 f"marked `pruned` in the table)" if pruned else "") + ":", "", *targets(records), ""]
+                 f"marked `pruned` in the table)" if pruned else "") + ":", "",
+              *targets(records, meta.get("lsg_tiles")), ""]
     lines += ["## Summary", "",
               f"- variants with spills: {len(spilling)} of {len(ok)}"
               + (": " + ", ".join(sorted({f"{r['kernel']} {r['config']} D={r['head_dim']} {r['dtype']} "
@@ -859,6 +898,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error(f"--family: unknown family {f!r}; allowed: {', '.join(FAMILIES)}")
     t0 = time.perf_counter()
     env = environment()
+    if "lsg" in families:
+        env["lsg_tiles"] = lsg_tiles()
 
     def write(records: List[dict], n_jobs: int) -> str:
         meta = dict(mode=mode, families=families, seconds=time.perf_counter() - t0, jobs=n_jobs,

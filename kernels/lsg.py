@@ -22,11 +22,15 @@ mask tensor is ever built:
 
 One program visits the four sources in turn with one online softmax (the helpers of
 :mod:`._core`): the local source's interior key blocks without the element mask, its edge blocks
-with it; the compressed windows (at most ``sb`` keys, masked by validity anyway) and the few global
-keys in one masked range each.
+with it; the compressed windows (at most ``sb`` keys, masked by validity anyway; whole tiles
+unmasked, :func:`_window_part`) and the few global keys in one masked range of narrow tiles
+(:data:`_GLOBAL_N`).
 Global rows (``i < g``) and short sequences (``N - o <= 2·b``) see every key (``j <= i`` when
-causal): they go through the dense path of :mod:`.sliding_window` (split over key chunks and
-merged by log-sum-exp when there are too few rows to fill the GPU), not through another kernel.
+causal).  Non-causal global rows (``g <=`` :data:`GLOBAL_ROWS_MAX`) have their own kernels with a
+``max(16, next_power_of_2(g))``-row tile (``_lsg_global_rows_*``: forward and dq split over key
+chunks and merged / summed, dk/dv one program per key tile); causal ones, more global rows and short
+sequences go through the dense path of :mod:`.sliding_window`.  ``python -m bench.tiles`` counts the
+useful share of the tiles all this executes.
 
 Kernels
 -------
@@ -40,10 +44,12 @@ Kernels
 * ``_lsg_bwd_dkdv_sparse_kernel``: grid ``(ceil(Tc / BLOCK_N), Hc, B)``; ``BLOCK_N`` compressed
   keys against the rows of the query blocks whose left (right) window reaches them -- two
   contiguous ranges of ``t`` derived from the tile's bounds, made disjoint and visited once each
-  with a per-element window multiplicity (a row tile may straddle blocks).
+  with a per-element window multiplicity (a row tile may straddle blocks); the rows of the blocks
+  whose window holds the whole tile (and whose other window misses it) without the window test.
+  ``BLOCK_N`` is pruned to at most ``max(16, s)``, so that regular windows hold whole tiles.
 * global keys: :func:`.sliding_window.add_global_key_grads` (shared by the families with global
-  tokens) on the rows ``[g, N)``: split into row chunks whose partial sums are added
-  deterministically (no atomics).
+  tokens; its key tile no wider than the key list) on the rows ``[g, N)``: split into row chunks
+  whose partial sums are added deterministically (no atomics).
 
 Attention dropout (``DROPOUT`` constexpr; the rule of :mod:`lhattn._dropout` through the
 :mod:`._core` helpers): a row's keys come from ``b·H + h`` (``H`` = query heads) and its token
@@ -53,9 +59,9 @@ gradient get the same state (the rows ``[g, N)`` of the latter by their position
 The backward regenerates the keep bits; nothing is stored.
 
 Memory: ``out``, ``lse`` and, in the backward, ``delta [B, H, N]``, ``[S, B, H_kv, g, D]``
-partials of the global keys and (non-causal, ``g > 0``) the dense path's ``dk, dv
-[B, H_kv, N, D]`` of the global rows, read once by the local dk/dv kernel; nothing of size
-``N × window``, no mask tensor.
+partials of the global keys, ``[S, B, H, g, D]`` partials of the global rows (forward, dq) and
+(non-causal, ``g > 0``) the global rows' ``dk, dv [B, H_kv, N, D]``, read once by the local dk/dv
+kernel; nothing of size ``N × window``, no mask tensor.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
-                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, split_scale)
+                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, next_power_of_2, split_scale)
 # launch plumbing shared by the families; LSG's tuning (kernels/_launch.py) under the names the kernels use
 from ._launch import (INTERPRET_BLOCKS, _LSG_CAUSAL_LOCAL_DKDV_BUDGET as _CAUSAL_LOCAL_DKDV_BUDGET,
                       _LSG_DKDV_SHAPES as _DKDV_SHAPES, _LSG_FWD_SHAPES as _FWD_SHAPES, _lsg_tuned as _tuned,
@@ -87,6 +93,16 @@ def is_short(n: int, block_size: int, block_offset: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------
+_GLOBAL_N: tl.constexpr = tl.constexpr(16)
+_GLOBAL_N_DQ: tl.constexpr = tl.constexpr(32)
+"""Key tiles of the forward's and the dq kernel's global-key walks, so that LSG's usual one global
+token costs a ``BLOCK_M x 16`` (``x 32``) tile, not a ``BLOCK_M x BLOCK_N`` one (``python -m
+bench.tiles``).  16 is the narrowest ``tl.dot`` operand; the dq kernel takes 32 because at 16 its band
+walk's masked tile grew from 479 to 506 SASS instructions (``python -m bench.sm90 --family lsg``,
+128x64/8w, D = 64; 477 at 32)."""
+
+
+# --------------------------------------------------------------------------------------
 # forward and dq: one program = BLOCK_M rows of one LSG block, four key sources
 # --------------------------------------------------------------------------------------
 
@@ -98,6 +114,26 @@ def _window(base, w_lo, w_hi, n_c):
     c_begin = tl.minimum(tl.maximum(base + w_lo, 0), n_c)
     c_end = tl.maximum(tl.minimum(base + w_hi, n_c), c_begin)
     return c_begin, c_end
+
+
+@triton.jit
+def _window_part(base, left_lo, left_hi, right_lo, right_hi, n_c, side: tl.constexpr, part: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The compressed-key walk of the forward and dq kernels, one ``(side, part)`` of it: the window
+    ``[c_begin, c_end)`` of ``side`` (0: left, ``[ts + left_lo, ts + left_hi)``, regular ``[(t-1)s - sb,
+    (t-1)s)``; 1: right, regular ``[(t+2)s, (t+2)s + sb)``; ``base = t·s``) and the keys ``[j_lo, j_hi)``
+    of ``part`` (0: the whole ``BLOCK_N`` tiles from ``c_begin``, walked unmasked -- the validity mask
+    stays; 1: the partial last tile, masked)."""
+    if side == 0:
+        c_begin, c_end = _window(base, left_lo, left_hi, n_c)
+    else:
+        c_begin, c_end = _window(base, right_lo, right_hi, n_c)
+    c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
+    if part == 0:
+        j_lo, j_hi = c_begin, c_full
+    else:
+        j_lo, j_hi = c_full, c_end
+    return c_begin, c_end, j_lo, j_hi
 
 
 @triton.jit
@@ -200,27 +236,20 @@ def _lsg_fwd_kernel(
         p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
         p_sv = SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh
         for side in tl.static_range(1 if CAUSAL else 2):
-            if side == 0:  # left window [ts + left_lo, ts + left_hi); regular: [(t-1)s - sb, (t-1)s)
-                c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
-            else:  # right window; regular: [(t+2)s, (t+2)s + sb)
-                c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
-            c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
             for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
-                if part == 0:
-                    j_lo, j_hi = c_begin, c_full
-                else:
-                    j_lo, j_hi = c_full, c_end
+                c_begin, c_end, j_lo, j_hi = _window_part(i_t * sparse_step, left_lo, left_hi, right_lo, right_hi,
+                                                          n_c, side, part, BLOCK_N)
                 acc, m_i, l_i = attn_fwd_range(
                     acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
                     o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
                     BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2,
                     b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
 
-    # global keys [0, g): few, always edge-masked
+    # global keys [0, g): few, always edge-masked, on _GLOBAL_N-wide tiles
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
         0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        _GLOBAL_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
         b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     m_row = m_m
@@ -321,17 +350,10 @@ def _lsg_bwd_dq_kernel(
         p_kc = KC + i_b.to(tl.int64) * stride_kcb + i_hc.to(tl.int64) * stride_kch
         p_vc = VC + i_b.to(tl.int64) * stride_vcb + i_hc.to(tl.int64) * stride_vch
         p_sv = SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh
-        for side in tl.static_range(1 if CAUSAL else 2):
-            if side == 0:
-                c_begin, c_end = _window(i_t * sparse_step, left_lo, left_hi, n_c)
-            else:
-                c_begin, c_end = _window(i_t * sparse_step, right_lo, right_hi, n_c)
-            c_full = c_begin + (c_end - c_begin) // BLOCK_N * BLOCK_N
-            for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
-                if part == 0:
-                    j_lo, j_hi = c_begin, c_full
-                else:
-                    j_lo, j_hi = c_full, c_end
+        for side in tl.static_range(1 if CAUSAL else 2):  # the forward's compressed-key walk
+            for part in tl.static_range(2):
+                c_begin, c_end, j_lo, j_hi = _window_part(i_t * sparse_step, left_lo, left_hi, right_lo, right_hi,
+                                                          n_c, side, part, BLOCK_N)
                 b_dq = attn_bwd_dq_range(
                     b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
                     o_d * stride_kcd, o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big,
@@ -341,7 +363,7 @@ def _lsg_bwd_dq_kernel(
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, 0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        _GLOBAL_N_DQ, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
         b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
@@ -470,6 +492,7 @@ def _sparse_dkdv_heads(
     row_lo, row_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, qk_scale,
     qk_scale_lo, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the compressed keys ``o_c [BN]`` (``b_k, b_v [BN, D]``)
     over the non-global rows ``[row_lo, row_hi)`` (``row_lo >= max(g, o)``), ``BLOCK_M`` at a time,
@@ -481,7 +504,10 @@ def _sparse_dkdv_heads(
     Otherwise :func:`._core.attn_bwd_dkdv_heads` (one flat loop
     over heads and row blocks, transposed ``[BN, BM]`` tiles; the caller applies the scale and
     zeroes the keys the forward never saw).  ``DROPOUT``: as there; the keys' columns are
-    ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``."""
+    ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``.
+    ``MASKED = False``: the caller guarantees that every row's block holds every key of the tile in
+    exactly one of its windows and that ``row_hi - row_lo`` is a multiple of ``BLOCK_M``; no window
+    test."""
     n_blk = tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_M)
     # Loop-carried, so that the loop holds no integer divide: the head ``i_h`` and, per row of the
     # tile, its LSG block ``b_t`` and offset ``b_r`` in it.  The tile advances by ``BLOCK_M = q_step·b
@@ -517,9 +543,12 @@ def _sparse_dkdv_heads(
             b_e = _exp(b_st * qk_scale - b_lse[None, :], USE_EXP2)
         # P once per window of the row's block that holds the key (a key in both counts twice, as in
         # the forward); selects, not a multiply, so that an overflowed exp of an unseen key stays out
-        b_pt = tl.where((o_cl - b_base).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
-        if not CAUSAL:
-            b_pt += tl.where((o_cr - b_base).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
+        if MASKED:
+            b_pt = tl.where((o_cl - b_base).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
+            if not CAUSAL:
+                b_pt += tl.where((o_cr - b_base).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
+        else:  # every row's block holds every key of the tile in exactly one window
+            b_pt = b_e
         if DROPOUT:
             b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_hq), o_pos)  # [BM]
             b_keep_t = dropout_keep(b_kcol, b_rk, drop_thresh)  # [BN, BM]: the hash's xor is symmetric
@@ -544,8 +573,30 @@ def _sparse_dkdv_heads(
     return b_dk, b_dv
 
 
+@triton.jit
+def _block_full(p_first, p_last, w_lo, w_hi, sparse_step, wrap, n_blocks):
+    """``[t_lo, t_hi)``: the query blocks ``t`` whose window ``[t·s + w_lo, t·s + w_hi)`` holds all of
+    ``[p_first, p_last]``: ``floor((p_last - w_hi) / s) + 1 <= t <= floor((p_first - w_lo) / s)``,
+    clipped to ``[0, n_blocks)`` (``t_hi <= t_lo`` when empty); ``wrap`` as in :func:`_block_span`."""
+    t_lo = tl.maximum((p_last - w_hi + wrap * sparse_step) // sparse_step - wrap + 1, 0)
+    t_hi = tl.minimum((p_first - w_lo + wrap * sparse_step) // sparse_step - wrap + 1, n_blocks)
+    return t_lo, t_hi
+
+
+@triton.jit
+def _unmasked_rows(row_lo, row_hi, f_lo, f_hi, block_offset, block_size, BLOCK_M: tl.constexpr):
+    """``[u_lo, u_hi)``: the rows of the blocks ``[f_lo, f_hi)`` inside ``[row_lo, row_hi)``, shrunk to
+    whole ``BLOCK_M`` steps of a walk that starts at ``row_lo``; ``(row_hi, row_hi)`` when empty."""
+    f_lo_r = tl.maximum(block_offset + f_lo * block_size, row_lo)
+    f_hi_r = tl.minimum(block_offset + f_hi * block_size, row_hi)
+    u_lo = row_lo + tl.cdiv(f_lo_r - row_lo, BLOCK_M) * BLOCK_M
+    u_hi = row_lo + tl.maximum(f_hi_r - row_lo, 0) // BLOCK_M * BLOCK_M
+    empty = (u_hi <= u_lo) | (f_hi <= f_lo)
+    return tl.where(empty, row_hi, u_lo), tl.where(empty, row_hi, u_hi)
+
+
 @_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "sparse_step", "CAUSAL", "DROPOUT"], kind="dkdv",
-        tile="BLOCK_N", bound="n_c")
+        tile="BLOCK_N", bound="sparse_step")
 @triton.jit
 def _lsg_bwd_dkdv_sparse_kernel(
     Q, KC, VC, SV, DO, LSE, DELTA, DKC, DVC, DROP,
@@ -611,17 +662,41 @@ def _lsg_bwd_dkdv_sparse_kernel(
     if DROPOUT:
         drop_seed, drop_thresh = dropout_load(DROP)
     drop_bh0 = i_b * heads_per_c * tl.num_programs(1)  # b·H (query heads)
+    # The blocks whose window holds the whole tile, and whose other window misses it, see each of its
+    # keys exactly once: their rows (whole BLOCK_M steps) take the walk without the window test.
+    fa_lo, fa_hi = _block_full(p_first, p_last, left_lo, left_hi, sparse_step, sparse_wrap, n_blocks)
+    if CAUSAL:
+        fb_lo = fa_lo
+        fb_hi = fa_lo
+    else:
+        fb_lo, fb_hi = _block_full(p_first, p_last, right_lo, right_hi, sparse_step, sparse_wrap, n_blocks)
+        # a block in the other window's span would count some keys twice: no unmasked rows then
+        fa_hi = tl.where(tl.maximum(fa_lo, tb_lo) < tl.minimum(fa_hi, tb_hi), fa_lo, fa_hi)
+        fb_hi = tl.where(tl.maximum(fb_lo, ta_lo) < tl.minimum(fb_hi, ta_hi), fb_lo, fb_hi)
     for side in tl.static_range(1 if CAUSAL else 2):
         if side == 0:
             row_lo, row_hi = rows_1_lo, rows_1_hi
+            f_lo = tl.where(swap, fb_lo, fa_lo)
+            f_hi = tl.where(swap, fb_hi, fa_hi)
         else:
             row_lo, row_hi = rows_2_lo, rows_2_hi
-        b_dk, b_dv = _sparse_dkdv_heads(
-            b_dk, b_dv, b_k, b_v, o_c, p_q, p_do, p_lse, p_delta, i_h0, heads_per_c, stride_qh, stride_doh,
-            stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-            row_lo, row_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, qk_scale,
-            qk_scale_lo, BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2,
-            (n + o_c).to(tl.uint32), drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+            f_lo = tl.where(swap, fa_lo, fb_lo)
+            f_hi = tl.where(swap, fa_hi, fb_hi)
+        u_lo, u_hi = _unmasked_rows(row_lo, row_hi, f_lo, f_hi, block_offset, block_size, BLOCK_M)
+        for part in tl.static_range(3):  # masked head, unmasked middle, masked tail
+            if part == 0:
+                w_lo, w_hi = row_lo, u_lo
+            elif part == 1:
+                w_lo, w_hi = u_lo, u_hi
+            else:
+                w_lo, w_hi = u_hi, row_hi
+            b_dk, b_dv = _sparse_dkdv_heads(
+                b_dk, b_dv, b_k, b_v, o_c, p_q, p_do, p_lse, p_delta, i_h0, heads_per_c, stride_qh, stride_doh,
+                stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd,
+                o_d * stride_dod, w_lo, w_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo,
+                right_hi, qk_scale, qk_scale_lo, BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2,
+                (n + o_c).to(tl.uint32), drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
+                part != 1)
 
     m_key = m_c & (tl.load(SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh + o_pc * stride_svn,
                            mask=m_c, other=0) != 0)  # invalid compressed keys were never seen
@@ -633,6 +708,257 @@ def _lsg_bwd_dkdv_sparse_kernel(
              mask=m_c[:, None])
     tl.store(p_dv + o_pc[:, None] * stride_dvcn + o_d[None, :] * stride_dvcd, cast_to(b_dv, DVC.dtype.element_ty),
              mask=m_c[:, None])
+
+
+# --------------------------------------------------------------------------------------
+# global rows: few rows against every key, split over key chunks (non-causal)
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lsg_global_rows_fwd_kernel(
+    Q, K, V, KM, O, LSE, DROP,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kmb, stride_kmn,
+    stride_os, stride_ob, stride_oh, stride_on, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_ln,
+    n, n_global, heads_per_kv, chunk, big,
+    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # one program = the global rows [0, g) (BLOCK_M >= g) x one chunk of keys; partial out / lse
+    i_s, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // heads_per_kv
+    ACC = LSE.dtype.element_ty
+    k_begin = i_s * chunk
+    k_end = tl.minimum(n, k_begin + chunk)
+    k_full = k_begin + (k_end - k_begin) // BLOCK_N * BLOCK_N
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_km = KM + i_b.to(tl.int64) * stride_kmb
+    o_m = tl.arange(0, BLOCK_M)  # [BM] the global rows' positions
+    m_m = o_m < n_global
+    o_d = tl.arange(0, HEAD_DIM)
+    b_q = tl.load(p_q + o_m[:, None].to(tl.int64) * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None],
+                  other=0.0)
+    b_rk = 0
+    drop_thresh = 0
+    if DROPOUT:  # the LSG forward's row keys (token positions); this chunk's output dropped with its columns
+        drop_seed, drop_thresh = dropout_load(DROP)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    for part in tl.static_range(2):  # whole key tiles, then the partial last one
+        if part == 0:
+            j_lo, j_hi = k_begin, k_full
+        else:
+            j_lo, j_hi = k_full, k_end
+        acc, m_i, l_i = attn_fwd_range(
+            acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+            o_d * stride_vd, j_lo, j_hi, k_begin, k_end, 0, 1, big, big, qk_scale, qk_scale_lo,
+            BLOCK_N, part == 1, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+            b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+    m_row = m_m
+    if HAS_KMASK:  # padding rows output 0, lse -inf
+        m_row = m_row & (tl.load(p_km + o_m.to(tl.int64) * stride_kmn, mask=m_m, other=0) != 0)
+    b_o, b_lse = attn_fwd_finalize(acc, m_i, l_i, m_row, USE_EXP2, drop_scale, drop_scale_lo, EXACT_SCALE, DROPOUT)
+    p_o = O + i_s.to(tl.int64) * stride_os + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    tl.store(p_o + o_m[:, None].to(tl.int64) * stride_on + o_d[None, :] * stride_od,
+             cast_to(b_o, O.dtype.element_ty), mask=m_m[:, None])
+    p_l = LSE + i_s.to(tl.int64) * stride_ls + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh
+    tl.store(p_l + o_m.to(tl.int64) * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
+
+
+@triton.jit
+def _lsg_global_rows_dq_kernel(
+    Q, K, V, KM, DO, LSE, DELTA, DQ, DROP,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kmb, stride_kmn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dqs, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    n, n_global, heads_per_kv, chunk, big,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # the forward's layout; partial dq of one key chunk (summed by the launcher)
+    i_s, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // heads_per_kv
+    ACC = DELTA.dtype.element_ty
+    k_begin = i_s * chunk
+    k_end = tl.minimum(n, k_begin + chunk)
+    k_full = k_begin + (k_end - k_begin) // BLOCK_N * BLOCK_N
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_km = KM + i_b.to(tl.int64) * stride_kmb
+    o_m = tl.arange(0, BLOCK_M)
+    m_m = o_m < n_global
+    o_pq = o_m.to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_do = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    b_q = tl.load(p_q + o_pq[:, None] * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None], other=0.0)
+    b_do = tl.load(p_do + o_pq[:, None] * stride_don + o_d[None, :] * stride_dod, mask=m_m[:, None], other=0.0)
+    b_lse, b_delta = attn_bwd_load_rows(LSE + i_b.to(tl.int64) * stride_lb + i_h.to(tl.int64) * stride_lh,
+                                        DELTA + i_b.to(tl.int64) * stride_deb + i_h.to(tl.int64) * stride_deh,
+                                        o_pq, stride_ln, stride_den, m_m, True, USE_EXP2)
+    b_rk = 0
+    drop_thresh = 0
+    if DROPOUT:
+        drop_seed, drop_thresh = dropout_load(DROP)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
+    b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    for part in tl.static_range(2):
+        if part == 0:
+            j_lo, j_hi = k_begin, k_full
+        else:
+            j_lo, j_hi = k_full, k_end
+        b_dq = attn_bwd_dq_range(
+            b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
+            o_d * stride_kd, o_d * stride_vd, j_lo, j_hi, k_begin, k_end, 0, 1, big, big, qk_scale, qk_scale_lo,
+            BLOCK_N, part == 1, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
+            drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+    b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
+    p_dq = DQ + i_s.to(tl.int64) * stride_dqs + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    tl.store(p_dq + o_pq[:, None] * stride_dqn + o_d[None, :] * stride_dqd, cast_to(b_dq, DQ.dtype.element_ty),
+             mask=m_m[:, None])
+
+
+@triton.jit
+def _lsg_global_rows_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KM, DK, DV, DROP,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kmb, stride_kmn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_deb, stride_deh, stride_den,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n, n_global, heads_per_kv, big,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # one program = BLOCK_N keys x the global rows [0, g) (one BLOCK_M step per query head of the kv head)
+    i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ACC = DELTA.dtype.element_ty
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < n
+    o_pk = o_n.to(tl.int64)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_k = tl.load(p_k + o_pk[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_n[:, None], other=0.0)
+    b_v = tl.load(p_v + o_pk[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    drop_seed = 0
+    drop_thresh = 0
+    if DROPOUT:
+        drop_seed, drop_thresh = dropout_load(DROP)
+    drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H (query heads); the keys' columns are o_n
+    b_dk, b_dv = attn_bwd_dkdv_heads(
+        b_dk, b_dv, b_k, b_v, o_n, Q + i_b.to(tl.int64) * stride_qb, DO + i_b.to(tl.int64) * stride_dob,
+        LSE + i_b.to(tl.int64) * stride_lb, DELTA + i_b.to(tl.int64) * stride_deb, i_hk * heads_per_kv,
+        heads_per_kv, stride_qh, stride_doh, stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den,
+        o_d * stride_qd, o_d * stride_dod, 0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
+        BLOCK_M, True, EXACT_SCALE, USE_EXP2, b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0,
+        drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+    m_key = m_n
+    if HAS_KMASK:  # padding keys were never seen
+        m_key = m_key & (tl.load(KM + i_b.to(tl.int64) * stride_kmb + o_pk * stride_kmn, mask=m_n, other=0) != 0)
+    b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
+    b_dv = tl.where(m_key[:, None], b_dv, 0.0)
+    p_dk = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    p_dv = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    tl.store(p_dk + o_pk[:, None] * stride_dkn + o_d[None, :] * stride_dkd, cast_to(b_dk, DK.dtype.element_ty),
+             mask=m_n[:, None])
+    tl.store(p_dv + o_pk[:, None] * stride_dvn + o_d[None, :] * stride_dvd, cast_to(b_dv, DV.dtype.element_ty),
+             mask=m_n[:, None])
+
+
+GLOBAL_ROWS_MAX = 64
+"""Up to this many global rows, the non-causal global rows' forward and dq run on the kernels above
+with a ``max(16, next_power_of_2(g))``-row tile (``BLOCK_N`` 64, 4 warps; the interpreter's block
+otherwise); more go through the sliding window's dense path.  (The one global row of LSG's default
+filled 1 row of a 128-row tile there: ``python -m bench.tiles``.)"""
+
+
+def _global_rows_blocks(g: int, d: int):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the global-row kernels."""
+    bm = max(16, next_power_of_2(g))
+    if INTERPRET:
+        return bm, INTERPRET_BLOCKS["fwd"][1], None, None
+    return bm, 64 if d <= 128 else 32, 4, 2
+
+
+def _global_rows_chunks(q, n: int):
+    from .sliding_window import _split  # the dense passes' key-chunk rule
+    b, h = q.shape[:2]
+    chunk = _split(b * h, n, q.device)
+    return chunk, triton.cdiv(n, chunk)
+
+
+def _launch_opts(warps, stages) -> dict:
+    return {} if warps is None else dict(num_warps=warps, num_stages=stages)
+
+
+def _global_rows_fwd(q, k, v, a, key_valid):
+    """Out / lse of the global rows ``[0, g)`` (non-causal: every non-padding key), ``g <=``
+    :data:`GLOBAL_ROWS_MAX`: split over key chunks, merged by log-sum-exp."""
+    from ._core import merge_partials
+    b, h, n, d = q.shape
+    g = a.g
+    bm, bn, warps, stages = _global_rows_blocks(g, d)
+    chunk, n_split = _global_rows_chunks(q, n)
+    acc = acc_dtype(q.dtype)
+    o_dst = torch.empty((n_split, b, h, g, d), dtype=acc if n_split > 1 else q.dtype, device=q.device)
+    l_dst = torch.empty((n_split, b, h, g), dtype=acc, device=q.device)
+    km = _mask_u8(key_valid, q)
+    _lsg_global_rows_fwd_kernel[(n_split, h, b)](
+        Q=q, K=k, V=v, KM=km, O=o_dst, LSE=l_dst, **a.drop, **_strides("q", q), **_strides("k", k),
+        **_strides("v", v), **_strides("km", km, "bn"), **_strides("o", o_dst, "sbhnd"),
+        **_strides("l", l_dst, "sbhn"), n=n, n_global=g, heads_per_kv=h // a.h_kv, chunk=chunk, big=a.big,
+        qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_KMASK=key_valid is not None, EXACT_SCALE=a.exact, USE_EXP2=a.use_exp2, **_launch_opts(warps, stages),
+    )
+    if n_split == 1:
+        return o_dst[0], l_dst[0]
+    out = torch.empty((b, h, g, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, g), dtype=acc, device=q.device)
+    merge_partials(o_dst, l_dst, out, lse)
+    return out, lse
+
+
+def _global_rows_dq(a, t) -> None:
+    """dq of the global rows ``[0, g)`` (non-causal, ``g <=`` :data:`GLOBAL_ROWS_MAX`) into ``t.dq``:
+    per key chunk, the partials summed."""
+    from ._core import sum_partial_rows
+    q = t.q
+    b, h, n, d = q.shape
+    g = a.g
+    bm, bn, warps, stages = _global_rows_blocks(g, d)
+    chunk, n_split = _global_rows_chunks(q, n)
+    dq_dst = torch.empty((n_split, b, h, g, d), dtype=acc_dtype(q.dtype), device=q.device)
+    _lsg_global_rows_dq_kernel[(n_split, h, b)](
+        Q=q, K=t.k, V=t.v, KM=t.km, DO=t.dout, LSE=t.lse, DELTA=t.delta, DQ=dq_dst, **a.drop,
+        **_strides("q", q), **_strides("k", t.k), **_strides("v", t.v), **_strides("km", t.km, "bn"), **t.rows,
+        **_strides("dq", dq_dst, "sbhnd"), n=n, n_global=g, heads_per_kv=h // a.h_kv, chunk=chunk, big=a.big,
+        qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, **t.scales, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_KMASK=t.key_valid is not None, EXACT_SCALE=a.exact, USE_EXP2=a.use_exp2, **_launch_opts(warps, stages),
+    )
+    sum_partial_rows(dq_dst, t.dq)
 
 
 # --------------------------------------------------------------------------------------
@@ -713,6 +1039,7 @@ class _Args:
         self.g = min(num_global_tokens, n)
         self.o = block_offset
         self.bs = block_size
+        self.causal = causal
         self.n_blocks = triton.cdiv(n - block_offset, block_size)
         self.has_sparse = k_sparse is not None and k_sparse.shape[2] > 0 and sparse_block_size > 0
         self.n_c = k_sparse.shape[2] if self.has_sparse else 0
@@ -821,8 +1148,11 @@ def lsg_fwd(
         heads_per_kv=h // a.h_kv, **a.sparse, **a.common,
         HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, **_meta("fwd"),
     )
-    if a.g > 0:  # global rows: every key, dense path
-        out_g, lse_g = _dense_fwd(q, k, v, a.g, causal, a.scale, key_valid, a.dropout)
+    if a.g > 0:  # global rows: every key (j <= i when causal)
+        if _global_rows_own(a):
+            out_g, lse_g = _global_rows_fwd(q, k, v, a, key_valid)
+        else:  # the sliding window's dense path
+            out_g, lse_g = _dense_fwd(q, k, v, a.g, causal, a.scale, key_valid, a.dropout)
         out[:, :, :a.g] = out_g
         lse[:, :, :a.g] = lse_g
     return out, lse
@@ -865,86 +1195,149 @@ def lsg_bwd(
     if is_short(a.n, block_size, block_offset):
         dq, dk, dv = _dense_bwd(dout, q, k, v, out, lse, a.n, causal, a.scale, key_valid, a.dropout)
         return dq, dk, dv, None, None
-    b, h, n, d = q.shape
-    acc = acc_dtype(q.dtype)
-    kc, vc, sv, s_svh = _sparse_args(k_sparse, v_sparse, sparse_valid, q)
-    km = _mask_u8(key_valid, q)
-    delta = bwd_preprocess(out, dout)  # [B, H, N]
-    scales = dict(sm_scale=a.sm_scale, sm_scale_lo=a.sm_scale_lo)
-    rows = dict(**_strides("do", dout), **_strides("l", lse, "bhn"), **_strides("de", delta, "bhn"))
-
-    # global rows (dense path): their dq, and their share of dk/dv
-    dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dk_in = dv_in = None
-    if a.g > 0:
-        dq_g, dk_g, dv_g = _dense_bwd(dout, q, k, v, out, lse, a.g, causal, a.scale, key_valid, a.dropout)
-        dq[:, :, :a.g] = dq_g
-        dk[:, :, :a.g] = dk_g[:, :, :a.g]
-        dv[:, :, :a.g] = dv_g[:, :, :a.g]
-        if not causal:  # non-causal global rows also see every non-global key
-            dk_in, dv_in = dk_g, dv_g
-
-    def grid_q(meta):
-        return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), h, b)
-
-    _lsg_bwd_dq_kernel[grid_q](
-        Q=q, K=k, V=v, KC=kc, VC=vc, SV=sv, KM=km, DO=dout, LSE=lse, DELTA=delta, DQ=dq, **a.drop,
-        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kc", kc), **_strides("vc", vc),
-        stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **_strides("km", km, "bn"),
-        **rows, **_strides("dq", dq), heads_per_kv=h // a.h_kv, **a.sparse, **a.common, **scales,
-        HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, **_meta("dq"),
-    )
-
-    # local keys: one program per key tile of an LSG block
-    dki = dk_in if dk_in is not None else dk
-    dvi = dv_in if dv_in is not None else dv
-
-    def grid_kv(meta):
-        return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_N"]), a.h_kv, b)
-
-    _lsg_bwd_dkdv_local_kernel[grid_kv](
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, KM=km, DKI=dki, DVI=dvi, DK=dk, DV=dv, **a.drop,
-        **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("km", km, "bn"), **rows,
-        **_strides("dki", dki), **_strides("dvi", dvi), **_strides("dk", dk), **_strides("dv", dv),
-        heads_per_kv=h // a.h_kv, **scales, **a.common,
-        HAS_KMASK=key_valid is not None, HAS_DK_IN=dk_in is not None, **_meta("dkdv"),
-    )
-
-    # global keys: every non-global row sees them (padding keys excluded): the shared helper of
-    # the families with global tokens, on the rows [g, N) (rows split into chunks, partials summed)
-    if 0 < a.g < n:
-        sl = (slice(None), slice(None), slice(a.g, None))
-        gidx = torch.arange(a.g, device=q.device).expand(b, a.g)
-        if key_valid is not None:
-            gidx = torch.where(key_valid[:, :a.g], gidx, torch.full_like(gidx, -1))
-        rows_g = dict(**_strides("q", q[sl]), **_strides("k", k), **_strides("v", v), **_strides("do", dout[sl]),
-                      **_strides("l", lse[sl], "bhn"), **_strides("de", delta[sl], "bhn"),
-                      qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, HEAD_DIM=d, EXACT_SCALE=a.exact,
-                      USE_EXP2=a.use_exp2, **scales)
-        # dropout: row m of these calls is token g + m
-        drop_rows = torch.arange(a.g, n, device=q.device).expand(b, n - a.g) if dropout_p > 0.0 else None
-        # add_global_key_grads' band covers slot indices up to (rows + 1): list at most N - g keys
-        # per call (one call unless g > N - g; the one-line fix in sliding_window.py makes it moot)
-        step = max(n - a.g, 1)
-        for j0 in range(0, a.g, step):
-            add_global_key_grads(dout[sl], q[sl], k, v, lse[sl], delta[sl], gidx[:, j0:j0 + step].contiguous(),
-                                 dk, dv, rows_g, **a.dropout, drop_rows=drop_rows)
-
+    t = _BwdTensors(a, dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid)
+    dk_in, dv_in = _bwd_global_rows(a, t)
+    _bwd_dq(a, t)
+    _bwd_dkdv_local(a, t, dk_in, dv_in)
+    _bwd_global_keys(a, t)
     if not a.has_sparse:
-        return dq, dk, dv, None, None
-    # compressed keys: one program per tile of compressed keys
-    dkc = torch.empty(kc.shape, dtype=kc.dtype, device=kc.device)
-    dvc = torch.empty(vc.shape, dtype=vc.dtype, device=vc.device)
+        return t.dq, t.dk, t.dv, None, None
+    dkc, dvc = _bwd_dkdv_sparse(a, t)
+    return t.dq, t.dk, t.dv, dkc, dvc
 
-    def grid_c(meta):
+
+class _BwdTensors:
+    """The backward's inputs as the kernels take them, its outputs ``dq, dk, dv`` (allocated here,
+    filled by the passes below) and the keyword groups shared by its launches."""
+
+    def __init__(self, a: _Args, dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid):
+        self.dout, self.q, self.k, self.v, self.lse, self.key_valid = dout, q, k, v, lse, key_valid
+        self.kc, self.vc, self.sv, self.s_svh = _sparse_args(k_sparse, v_sparse, sparse_valid, q)
+        self.km = _mask_u8(key_valid, q)
+        self.delta = bwd_preprocess(out, dout)  # [B, H, N]
+        self.out = out
+        self.scales = dict(sm_scale=a.sm_scale, sm_scale_lo=a.sm_scale_lo)
+        self.rows = dict(**_strides("do", dout), **_strides("l", lse, "bhn"), **_strides("de", self.delta, "bhn"))
+        self.dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self.dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        self.dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def _global_rows_dkdv(a, t):
+    """The global rows' share of dk/dv over every key (non-causal, ``g <=`` :data:`GLOBAL_ROWS_MAX`):
+    ``dk, dv [B, H_kv, N, D]`` in k's dtype, one program per ``BLOCK_N`` keys."""
+    b, h, n, d = t.q.shape
+    bm, _, warps, stages = _global_rows_blocks(a.g, d)
+    bn = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 64
+    dk = torch.empty(t.k.shape, dtype=t.k.dtype, device=t.k.device)
+    dv = torch.empty(t.v.shape, dtype=t.v.dtype, device=t.v.device)
+    _lsg_global_rows_dkdv_kernel[(triton.cdiv(n, bn), a.h_kv, b)](
+        Q=t.q, K=t.k, V=t.v, DO=t.dout, LSE=t.lse, DELTA=t.delta, KM=t.km, DK=dk, DV=dv, **a.drop,
+        **_strides("q", t.q), **_strides("k", t.k), **_strides("v", t.v), **_strides("km", t.km, "bn"), **t.rows,
+        **_strides("dk", dk), **_strides("dv", dv), n=n, n_global=a.g, heads_per_kv=h // a.h_kv, big=a.big,
+        qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, **t.scales, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_KMASK=t.key_valid is not None, EXACT_SCALE=a.exact, USE_EXP2=a.use_exp2, **_launch_opts(warps, stages),
+    )
+    return dk, dv
+
+
+def _global_rows_own(a: _Args) -> bool:
+    """Whether the global rows go through :func:`_global_rows_fwd` / :func:`_global_rows_dq` (else
+    the sliding window's dense path, which also gives their dk/dv share)."""
+    return not a.causal and 0 < a.g <= GLOBAL_ROWS_MAX
+
+
+def _bwd_global_rows(a: _Args, t: _BwdTensors):
+    """Global rows (their own kernels or the dense path): their dq and the global keys' share of dk/dv;
+    returns their ``dk, dv [B, H_kv, N, D]`` over every key (non-causal: the global rows see the non-global
+    keys too, their share is added by the local dk/dv kernel), else ``(None, None)``."""
+    if a.g == 0:
+        return None, None
+    g = a.g
+    if _global_rows_own(a):  # the global-row kernels above
+        _global_rows_dq(a, t)
+        dk_g, dv_g = _global_rows_dkdv(a, t)
+        t.dk[:, :, :g] = dk_g[:, :, :g]
+        t.dv[:, :, :g] = dv_g[:, :, :g]
+        return dk_g, dv_g
+    dq_g, dk_g, dv_g = _dense_bwd(t.dout, t.q, t.k, t.v, t.out, t.lse, g, a.causal, a.scale, t.key_valid, a.dropout)
+    t.dq[:, :, :g] = dq_g
+    t.dk[:, :, :g] = dk_g[:, :, :g]
+    t.dv[:, :, :g] = dv_g[:, :, :g]
+    return (None, None) if a.causal else (dk_g, dv_g)
+
+
+def _bwd_dq(a: _Args, t: _BwdTensors) -> None:
+    """dq of the non-global rows: one program per ``BLOCK_M`` rows of an LSG block."""
+    b, h = t.q.shape[:2]
+
+    def grid(meta):
+        return (a.n_blocks * triton.cdiv(a.bs, meta["BLOCK_M"]), h, b)
+
+    _lsg_bwd_dq_kernel[grid](
+        Q=t.q, K=t.k, V=t.v, KC=t.kc, VC=t.vc, SV=t.sv, KM=t.km, DO=t.dout, LSE=t.lse, DELTA=t.delta, DQ=t.dq,
+        **a.drop, **_strides("q", t.q), **_strides("k", t.k), **_strides("v", t.v), **_strides("kc", t.kc),
+        **_strides("vc", t.vc), stride_svb=t.sv.stride(0), stride_svh=t.s_svh, stride_svn=t.sv.stride(2),
+        **_strides("km", t.km, "bn"), **t.rows, **_strides("dq", t.dq), heads_per_kv=h // a.h_kv, **a.sparse,
+        **a.common, **t.scales, HAS_SPARSE=a.has_sparse, HAS_KMASK=t.key_valid is not None, **_meta("dq"),
+    )
+
+
+def _bwd_dkdv_local(a: _Args, t: _BwdTensors, dk_in, dv_in) -> None:
+    """dk/dv of the non-global keys from the local rows (one program per key tile of an LSG block),
+    plus ``dk_in, dv_in`` (the global rows' share) when given."""
+    b, h = t.q.shape[:2]
+    dki = dk_in if dk_in is not None else t.dk
+    dvi = dv_in if dv_in is not None else t.dv
+
+    def grid(meta):
+        return (a.n_blocks * triton.cdiv(a.bs, meta["BLOCK_N"]), a.h_kv, b)
+
+    _lsg_bwd_dkdv_local_kernel[grid](
+        Q=t.q, K=t.k, V=t.v, DO=t.dout, LSE=t.lse, DELTA=t.delta, KM=t.km, DKI=dki, DVI=dvi, DK=t.dk, DV=t.dv,
+        **a.drop, **_strides("q", t.q), **_strides("k", t.k), **_strides("v", t.v), **_strides("km", t.km, "bn"),
+        **t.rows, **_strides("dki", dki), **_strides("dvi", dvi), **_strides("dk", t.dk), **_strides("dv", t.dv),
+        heads_per_kv=h // a.h_kv, **t.scales, **a.common,
+        HAS_KMASK=t.key_valid is not None, HAS_DK_IN=dk_in is not None, **_meta("dkdv"),
+    )
+
+
+def _bwd_global_keys(a: _Args, t: _BwdTensors) -> None:
+    """dk/dv of the global keys from the non-global rows ``[g, N)`` (every one of them sees them;
+    padding keys excluded): the shared helper of the families with global tokens (rows split into
+    chunks, partials summed), added to the dense path's share already in ``dk, dv``."""
+    n, g = a.n, a.g
+    if not 0 < g < n:
+        return
+    b, _, _, d = t.q.shape
+    q, k, v, dout, lse, delta = t.q, t.k, t.v, t.dout, t.lse, t.delta
+    sl = (slice(None), slice(None), slice(g, None))
+    gidx = torch.arange(g, device=q.device).expand(b, g)
+    if t.key_valid is not None:
+        gidx = torch.where(t.key_valid[:, :g], gidx, torch.full_like(gidx, -1))
+    rows_g = dict(**_strides("q", q[sl]), **_strides("k", k), **_strides("v", v), **_strides("do", dout[sl]),
+                  **_strides("l", lse[sl], "bhn"), **_strides("de", delta[sl], "bhn"),
+                  qk_scale=a.qk_scale, qk_scale_lo=a.qk_scale_lo, HEAD_DIM=d, EXACT_SCALE=a.exact,
+                  USE_EXP2=a.use_exp2, **t.scales)
+    # dropout: row m of this call is token g + m
+    drop_rows = torch.arange(g, n, device=q.device).expand(b, n - g) if a.dropout["dropout_p"] > 0.0 else None
+    add_global_key_grads(dout[sl], q[sl], k, v, lse[sl], delta[sl], gidx.contiguous(), t.dk, t.dv, rows_g,
+                         **a.dropout, drop_rows=drop_rows)
+
+
+def _bwd_dkdv_sparse(a: _Args, t: _BwdTensors):
+    """``dk_sparse, dv_sparse``: one program per tile of compressed keys."""
+    b = t.q.shape[0]
+    dkc = torch.empty(t.kc.shape, dtype=t.kc.dtype, device=t.kc.device)
+    dvc = torch.empty(t.vc.shape, dtype=t.vc.dtype, device=t.vc.device)
+
+    def grid(meta):
         return (triton.cdiv(a.n_c, meta["BLOCK_N"]), a.h_c, b)
 
-    _lsg_bwd_dkdv_sparse_kernel[grid_c](
-        Q=q, KC=kc, VC=vc, SV=sv, DO=dout, LSE=lse, DELTA=delta, DKC=dkc, DVC=dvc, **a.drop,
-        **_strides("q", q), **_strides("kc", kc), **_strides("vc", vc),
-        stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **rows,
-        **_strides("dkc", dkc), **_strides("dvc", dvc), **a.sparse, **scales, **a.common, **_meta("dkdv"),
+    _lsg_bwd_dkdv_sparse_kernel[grid](
+        Q=t.q, KC=t.kc, VC=t.vc, SV=t.sv, DO=t.dout, LSE=t.lse, DELTA=t.delta, DKC=dkc, DVC=dvc, **a.drop,
+        **_strides("q", t.q), **_strides("kc", t.kc), **_strides("vc", t.vc),
+        stride_svb=t.sv.stride(0), stride_svh=t.s_svh, stride_svn=t.sv.stride(2), **t.rows,
+        **_strides("dkc", dkc), **_strides("dvc", dvc), **a.sparse, **t.scales, **a.common, **_meta("dkdv"),
     )
-    return dq, dk, dv, dkc, dvc
+    return dkc, dvc

@@ -50,7 +50,8 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
                     bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys,
                     merge_partials, next_power_of_2, sum_partial_rows, _scale)
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _dropout_args,
-                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _scale_args, _split_for, _strides, _tuned)
+                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _pruner, _scale_args, _split_for, _strides,
+                      _tuned)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -297,7 +298,23 @@ def _sw_bwd_dkdv_kernel(
              mask=m_n[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "DROPOUT"], kind="dkdv")
+def _global_key_tuning(fn):
+    """Autotuning of :func:`_sw_bwd_dkdv_global_kernel`: for at most 32 listed keys, only the dk/dv
+    configs of 32-key tiles (LSG's one global token no longer costs a 128-slot tile; a 16-slot
+    64x16/4w tile spilled 8 B with dropout on sm_90, 32x32/4w none); then the dk/dv pruner."""
+    if INTERPRET:
+        return fn
+    configs = _dkdv_configs()
+
+    def prune(configs, named_args, **kwargs):
+        if int({**named_args, **kwargs}["n_glob"]) <= 32:
+            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
+        return _pruner("dkdv")(configs, named_args, **kwargs)
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "n_glob"],
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+@_global_key_tuning
 @triton.jit
 def _sw_bwd_dkdv_global_kernel(
     Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW,
@@ -598,7 +615,7 @@ def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     b, h, nq, d = q.shape
     h_kv = k.shape[1]
     n_glob = global_keys.shape[1]
-    block_n = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 64
+    block_n = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else (32 if n_glob <= 32 else 64)
     chunk_r = _split(b * h_kv * triton.cdiv(n_glob, block_n), nq, q.device)
     n_split_r = triton.cdiv(nq, chunk_r)
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q)

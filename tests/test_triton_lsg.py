@@ -164,6 +164,18 @@ def test_triton_block_shapes(monkeypatch, blocks):
                  num_global_tokens=2, sparse_geometry="regular"))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("sb,geometry", [(16, "regular"), (32, "regular"), (32, "reference")])
+def test_triton_sparse_dkdv_unmasked_rows(causal, sb, geometry):
+    """Compressed-key tiles no wider than ``s = b / f`` (interpreter: 16 keys, ``s = 16``): the rows of
+    the blocks whose window holds the whole tile take the compressed-key dk/dv walk without the window
+    test (whole 16-row steps; block 0's first row is global, so its steps are offset by one), the
+    others the masked walk; with ``sb = 32`` two blocks per side hold a tile."""
+    _compare(Case(b=1, h=2, h_kv=1, n=150, padding=True, seed=31), torch.float64,
+             LSG(block_size=32, sparse_block_size=sb, sparsity_factor=2, sparsity_type="pooling",
+                 num_global_tokens=1, causal=causal, sparse_geometry=geometry))
+
+
 # --------------------------------------------------------------------------------------
 # gradients, padding, memory, custom ops, compile, bad input
 # --------------------------------------------------------------------------------------
