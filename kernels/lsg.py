@@ -76,15 +76,16 @@ from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
                     dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, next_power_of_2, split_scale)
 # launch plumbing shared by the families; LSG's tuning (kernels/_launch.py) under the names the kernels use
-from ._launch import (INTERPRET_BLOCKS, _LSG_CAUSAL_LOCAL_DKDV_BUDGET as _CAUSAL_LOCAL_DKDV_BUDGET,
-                      _LSG_DKDV_SHAPES as _DKDV_SHAPES, _LSG_FWD_SHAPES as _FWD_SHAPES, _lsg_tuned as _tuned,
-                      _mask_u8, _meta_for, _strides, _token_dropout_args as _dropout_args)
+from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK,
+                      _LSG_CAUSAL_LOCAL_DKDV_BUDGET as _CAUSAL_LOCAL_DKDV_BUDGET, _LSG_DKDV_SHAPES as _DKDV_SHAPES, _LSG_FWD_SHAPES as _FWD_SHAPES, _lsg_tuned as _tuned,
+                      _mask_u8, _meta_for, _split_for, _strides, _token_dropout_args as _dropout_args)
 # whole passes of the sliding-window family (its public launchers): the dense path, the global-key gradient
 from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
 
-__all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS"]
+__all__ = ["lsg_fwd", "lsg_bwd", "is_short", "HEAD_DIMS", "INTERPRET_BLOCKS", "INTERPRET_SPLIT_CHUNK"]
 
 _meta = _meta_for(globals())  # block sizes under the interpreter: this module's INTERPRET_BLOCKS
+_split = _split_for(globals())  # key chunks of the global rows' passes: this module's INTERPRET_SPLIT_CHUNK
 
 
 def is_short(n: int, block_size: int, block_offset: int) -> bool:
@@ -904,7 +905,6 @@ def _global_rows_blocks(g: int, d: int):
 
 
 def _global_rows_chunks(q, n: int):
-    from .sliding_window import _split  # the dense passes' key-chunk rule
     b, h = q.shape[:2]
     chunk = _split(b * h, n, q.device)
     return chunk, triton.cdiv(n, chunk)

@@ -158,6 +158,7 @@ def test_triton_block_shapes(monkeypatch, blocks):
     if not KERNELS.INTERPRET:
         pytest.skip("block sizes are autotuned on GPU")
     monkeypatch.setattr(KERNELS, "INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(KERNELS, "INTERPRET_SPLIT_CHUNK", 7)  # the global rows' key chunks
     monkeypatch.setattr(SW_KERNELS, "INTERPRET_SPLIT_CHUNK", 7)  # global rows' keys, global keys' rows
     _compare(Case(b=1, h=1, h_kv=1, n=45, padding=True, seed=14), torch.float64,
              LSG(block_size=20, sparse_block_size=10, sparsity_factor=4, sparsity_type="pooling",

@@ -135,6 +135,7 @@ def test_dropout_block_shapes(monkeypatch):
     if not KERNELS.INTERPRET:
         pytest.skip("block sizes are autotuned on GPU")
     monkeypatch.setattr(KERNELS, "INTERPRET_BLOCKS", {"fwd": (32, 16), "dq": (16, 32), "dkdv": (32, 16)})
+    monkeypatch.setattr(KERNELS, "INTERPRET_SPLIT_CHUNK", 7)  # the global rows' key chunks
     monkeypatch.setattr(SW_KERNELS, "INTERPRET_SPLIT_CHUNK", 7)
     _compare(Case(b=1, h=2, h_kv=1, n=45, padding=True, seed=43), torch.float64,
              LSG(block_size=20, sparse_block_size=10, sparsity_factor=4, sparsity_type="pooling",
