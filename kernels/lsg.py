@@ -23,8 +23,7 @@ mask tensor is ever built:
 One program visits the four sources in turn with one online softmax (the helpers of
 :mod:`._core`): the local source's interior key blocks without the element mask, its edge blocks
 with it; the compressed windows (at most ``sb`` keys, masked by validity anyway; whole tiles
-unmasked, :func:`_window_part`) and the few global keys in one masked range of narrow tiles
-(:data:`_GLOBAL_N`).
+unmasked, :func:`_window_part`) and the few global keys in one masked range.
 Global rows (``i < g``) and short sequences (``N - o <= 2·b``) see every key (``j <= i`` when
 causal).  Non-causal global rows (``g <=`` :data:`GLOBAL_ROWS_MAX`) have their own kernels with a
 ``max(16, next_power_of_2(g))``-row tile (``_lsg_global_rows_*``: forward and dq split over key
@@ -91,16 +90,6 @@ _split = _split_for(globals())  # key chunks of the global rows' passes: this mo
 def is_short(n: int, block_size: int, block_offset: int) -> bool:
     """LSG's rule: ``N - o <= 2·b`` means full attention."""
     return n - block_offset <= 2 * block_size
-
-
-# --------------------------------------------------------------------------------------
-_GLOBAL_N: tl.constexpr = tl.constexpr(16)
-_GLOBAL_N_DQ: tl.constexpr = tl.constexpr(32)
-"""Key tiles of the forward's and the dq kernel's global-key walks, so that LSG's usual one global
-token costs a ``BLOCK_M x 16`` (``x 32``) tile, not a ``BLOCK_M x BLOCK_N`` one (``python -m
-bench.tiles``).  16 is the narrowest ``tl.dot`` operand; the dq kernel takes 32 because at 16 its band
-walk's masked tile grew from 479 to 506 SASS instructions (``python -m bench.sm90 --family lsg``,
-128x64/8w, D = 64; 477 at 32)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -246,11 +235,13 @@ def _lsg_fwd_kernel(
                     BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2,
                     b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
 
-    # global keys [0, g): few, always edge-masked, on _GLOBAL_N-wide tiles
+    # global keys [0, g): few, always edge-masked (a 16- or 32-key tile here took 2-32 more SASS
+    # instructions in the band walk's masked tile or up to 25 more registers on sm_90 -- padding,
+    # dropout, D = 128 -- so they keep BLOCK_N)
     acc, m_i, l_i = attn_fwd_range(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
         0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        _GLOBAL_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
         b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
 
     m_row = m_m
@@ -364,7 +355,7 @@ def _lsg_bwd_dq_kernel(
     b_dq = attn_bwd_dq_range(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, 0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        _GLOBAL_N_DQ, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
         b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
