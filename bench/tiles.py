@@ -5,8 +5,7 @@
 
 Definition.  A kernel executes *tiles*: one inner-loop iteration, ``BLOCK_M`` query rows x
 ``BLOCK_N`` keys (forward, dq, the dense passes) or ``BLOCK_N`` keys x ``BLOCK_M`` rows (dk/dv), for
-one query head (a walk with its own narrower key tile, e.g. the LSG global keys' ``_GLOBAL_N``,
-counts that width).  Its *capacity* is ``BLOCK_M · BLOCK_N`` (query, key) pairs.  Its *useful* pairs are the pairs
+one query head.  Its *capacity* is ``BLOCK_M · BLOCK_N`` (query, key) pairs.  Its *useful* pairs are the pairs
 inside it that the pattern asks for (:mod:`lhattn.reference.lsg`: the direct mask
 ``lsg_direct_mask`` plus the two compressed-key windows ``lsg_sparse_masks``; a compressed key in
 both windows of a row counts once per tile that computes it; padding and the selection's validity
@@ -112,9 +111,9 @@ def _rows_cols(bm, bn, kw):
     return kw.get("BLOCK_M", bm), kw.get("BLOCK_N", bn)
 
 
-def _lsg_rows_kernel(kw, bm, bn, global_n: str = "_GLOBAL_N") -> Count:
+def _lsg_rows_kernel(kw, bm, bn) -> Count:
     """``_lsg_fwd_kernel`` / ``_lsg_bwd_dq_kernel``: one program = BM rows of one LSG block; the global
-    keys on tiles of ``kernels.lsg.<global_n>`` keys."""
+    keys on ``BLOCK_N`` tiles like the other key sources."""
     n, g, o, bs = kw["n"], kw["n_global"], kw["block_offset"], kw["block_size"]
     causal, big = kw["CAUSAL"], kw["big"]
     n_blocks = _cdiv(n - o, bs)
@@ -151,20 +150,11 @@ def _lsg_rows_kernel(kw, bm, bn, global_n: str = "_GLOBAL_N") -> Count:
                     c.tiles += 1
                     c.capacity += bm * bn
                     c.useful += n_rows * _overlap(j0, j0 + bn, c_begin, c_end)
-        gn = _lsg_global_n(bn, global_n)  # the global keys' own key tile
-        for j0 in _steps(0, g, gn):
+        for j0 in _steps(0, g, bn):
             c.tiles += 1
-            c.capacity += bm * gn
-            c.useful += n_rows * _overlap(j0, j0 + gn, 0, g)
+            c.capacity += bm * bn
+            c.useful += n_rows * _overlap(j0, j0 + bn, 0, g)
     return c
-
-
-def _lsg_global_n(bn: int, name: str) -> int:
-    """The key tile of the LSG forward / dq global-key walk (``kernels.lsg._GLOBAL_N`` /
-    ``_GLOBAL_N_DQ``; where it does not exist, ``BLOCK_N``)."""
-    import kernels.lsg as lsg
-    gn = getattr(lsg, name, None)
-    return bn if gn is None else int(getattr(gn, "value", gn))
 
 
 def _lsg_dkdv_local(kw, bm, bn) -> Count:
@@ -320,8 +310,7 @@ KERNELS = {
     "_lsg_global_rows_dq_kernel": ("bwd", _lsg_global_rows, lambda kw: kw["Q"].shape[:2]),
     "_lsg_global_rows_dkdv_kernel": ("bwd", _lsg_global_rows_dkdv, lambda kw: kw["K"].shape[:2]),
     "_lsg_fwd_kernel": ("fwd", _lsg_rows_kernel, lambda kw: kw["Q"].shape[:2]),
-    "_lsg_bwd_dq_kernel": ("bwd", lambda kw, bm, bn: _lsg_rows_kernel(kw, bm, bn, "_GLOBAL_N_DQ"),
-                           lambda kw: kw["Q"].shape[:2]),
+    "_lsg_bwd_dq_kernel": ("bwd", _lsg_rows_kernel, lambda kw: kw["Q"].shape[:2]),
     "_lsg_bwd_dkdv_local_kernel": ("bwd", _lsg_dkdv_local, lambda kw: kw["K"].shape[:2]),
     "_lsg_bwd_dkdv_sparse_kernel": ("bwd", _lsg_dkdv_sparse, lambda kw: kw["KC"].shape[:2]),
     "_sw_fwd_kernel": ("fwd", _sw_rows_kernel, lambda kw: kw["Q"].shape[:2]),
