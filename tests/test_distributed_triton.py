@@ -49,7 +49,8 @@ CASES = {
                                                     globals=[1, 13, 16], padding=3, dropout=0.3),
     "dropout_causal_dilated_globals_fp32": dict(pattern=lhattn.SlidingWindow(3, dilation=2, causal=True),
                                                 dtype=torch.float32, globals=[3, 14], padding=2, dropout=0.2),
-    "dropout_segments_ragged_globals_gqa": dict(pattern=lhattn.Segments(), segments=[10, 15], globals=[2, 14],
+    # (cuts chosen so that rank 1's range starts inside the sequence, at token 11, in both batch rows)
+    "dropout_segments_ragged_globals_gqa": dict(pattern=lhattn.Segments(), segments=[4, 11, 15], globals=[2, 14],
                                                 padding=2, heads=(4, 2), dropout=0.25),
 }
 
