@@ -36,8 +36,8 @@ and the gathered global rows keep their token positions (``drop_rows``) over key
 this shard's first token.
 
 Not on the Triton kernels (the fallback engine runs them, ``"auto"`` says why): LSG, and what the
-single-process Triton path refuses (:func:`lhattn.triton_unavailable_reason`).  Head dims other than the compiled ones run at the next
-one on zero-padded q, k, v, as in :mod:`lhattn.functional`.
+single-process Triton path refuses (:func:`lhattn.triton_unavailable_reason`).  Head dims other than
+the compiled ones run at the next one on zero-padded q, k, v, as in :mod:`lhattn.functional`.
 """
 
 from __future__ import annotations
