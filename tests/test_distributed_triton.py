@@ -216,3 +216,26 @@ def test_engine_switch_without_spawning(monkeypatch):
         _local.ENGINE = old
     with pytest.raises(ValueError, match="backend must be one of"):
         context_parallel_attention(q, q, q, w, backend="gpu")
+
+
+def test_dropout_position_arguments_are_checked():
+    """The launchers' dropout positions of a call on part of a sequence: bad ones are refused by name
+    before anything is launched."""
+    from lhattn._dropout import make_state
+    from lhattn.kernels.segment import segment_fwd
+    from lhattn.kernels.sliding_window import sliding_window_fwd
+
+    q = torch.randn(1, 2, 8, 16)
+    gidx = torch.tensor([[0, 5]])
+    drop = dict(dropout_p=0.1, dropout_state=make_state(0.1, 7, q.device))
+    for off in (-1, 2 ** 31, 1.5, True):
+        with pytest.raises(ValueError, match="drop_row_offset"):
+            sliding_window_fwd(q, q, q, window=(2, 2), drop_row_offset=off, **drop)
+        with pytest.raises(ValueError, match="drop_col_offset"):
+            segment_fwd(q, q, q, segment_size=4, drop_col_offset=off, **drop)
+    for cols, keys in ((torch.tensor([[3]]), gidx), (torch.tensor([[3, 4]], dtype=torch.int32), gidx),
+                       (torch.tensor([[3, 4]]), None)):
+        with pytest.raises(ValueError, match="drop_cols"):
+            sliding_window_fwd(q, q, q, window=(2, 2), global_keys=keys, drop_cols=cols, **drop)
+        with pytest.raises(ValueError, match="drop_cols"):
+            segment_fwd(q, q, q, segment_size=4, global_keys=keys, drop_cols=cols, **drop)
