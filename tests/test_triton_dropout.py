@@ -253,7 +253,9 @@ def test_launcher_dropout_argument_errors():
 
 @FP64_VIA_DISPATCH
 def test_sliding_window_dropout_gradcheck_fp64():
-    case = Case(b=1, h=2, h_kv=1, n=11, d=16, n_global="one", padding=True, global_proj=True, seed=13)
+    """One head (half the kernel programs of H = 2); GQA with dropout against the fp64 oracle:
+    test_sliding_window_dropout_fp64."""
+    case = Case(b=1, h=1, h_kv=1, n=11, d=16, n_global="one", padding=True, global_proj=True, seed=13)
     inputs = make_inputs(case, torch.float64, DEVICE)
     pattern = SlidingWindow((2, 1), dilation=2)
 
@@ -266,7 +268,9 @@ def test_sliding_window_dropout_gradcheck_fp64():
 
 @FP64_VIA_DISPATCH
 def test_segment_dropout_gradcheck_fp64():
-    inputs = make_inputs(Case(b=1, h=2, h_kv=1, n=13, d=16, n_global="many", seed=14), torch.float64, DEVICE)
+    """One head (half the kernel programs of H = 2); GQA with dropout against the fp64 oracle:
+    test_segment_dropout_fp64."""
+    inputs = make_inputs(Case(b=1, h=1, h_kv=1, n=13, d=16, n_global="many", seed=14), torch.float64, DEVICE)
 
     def f(q, k, v):
         return lhattn.attention(q, k, v, Segments(5), global_mask=inputs["global_mask"], dropout_p=0.4,
