@@ -50,7 +50,8 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu"):
     if case.padding:
         kpm = torch.zeros(b, n, dtype=torch.bool)
         lengths = torch.randint(max(1, n // 2), n, (b,), generator=gen)
-        lengths[0] = n  # one full row
+        if b > 1:
+            lengths[0] = n  # one full row (with b = 1 the only row is padded: padding=True always pads)
         for i, ln in enumerate(lengths.tolist()):
             kpm[i, ln:] = True
         kpm = kpm.to(device)

@@ -74,7 +74,7 @@ SW_CASES = [
     (Case(b=2, h=2, h_kv=1, n=41, n_global="many", padding=True, global_proj=True, seed=3),
      SlidingWindow((17, 15), dilation=2), 0.2),  # dilated, full blocks in each residue, per-row global counts
     (Case(b=1, h=2, h_kv=1, n=23, n_global="one", padding=True, seed=4), SlidingWindow((100, 100)), 0.5),  # w >= n
-    (Case(b=2, h=2, h_kv=1, n=45, n_global="many", global_proj=True, strided=True, seed=5),
+    (Case(b=2, h=4, h_kv=2, n=45, n_global="many", global_proj=True, strided=True, seed=5),  # GQA, kv head 1
      SlidingWindow((24, 8)), 0.1),  # strided inputs; global rows split over key chunks, merged by lse
     (Case(b=1, h=2, h_kv=1, n=5), SlidingWindow((2, 1), dilation=3), 0.5),  # n below one block
 ]

@@ -72,8 +72,8 @@ OTHER_CASES = [
     (Case(b=1, h=2, h_kv=1, n=5), "dil3"),
     (Case(b=2, h=2, h_kv=2, n=37, n_global="one", padding=True, global_proj=True, seed=2), "causal5"),
     (Case(b=2, h=2, h_kv=2, n=37, n_global="one", padding=True, global_proj=True, seed=2), "w24-8"),
-    (Case(b=2, h=2, h_kv=1, n=41, n_global="many", global_proj=True, strided=True, seed=3), "w3-2"),
-    (Case(b=2, h=2, h_kv=1, n=41, n_global="many", global_proj=True, strided=True, seed=3), "dil2-wide"),
+    (Case(b=2, h=4, h_kv=2, n=41, n_global="many", global_proj=True, strided=True, seed=3), "w3-2"),  # GQA, kv head 1
+    (Case(b=2, h=4, h_kv=2, n=41, n_global="many", global_proj=True, strided=True, seed=3), "dil2-wide"),
 ]
 
 
