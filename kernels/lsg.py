@@ -20,10 +20,14 @@ mask tensor is ever built:
   ``[(t+2)·s, (t+2)·s + sb)``), idem.  A compressed key in both windows counts twice;
 * global: ``k, v`` rows ``[0, g)``, padding keys masked.
 
-One program visits the four sources in turn with one online softmax (the helpers of
-:mod:`._core`): the local source's interior key blocks without the element mask, its edge blocks
-with it; the compressed windows (at most ``sb`` keys, masked by validity anyway; whole tiles
-unmasked, :func:`_window_part`) and the few global keys in one masked range.
+One program visits the four sources in turn with one online softmax (:func:`_lsg_fwd_loop` /
+:func:`_lsg_dq_loop` on the :mod:`._core` pieces): the local source's interior key tiles without a
+test, its edge tiles with only the test that can fail there (:func:`_tile_scores`: every row of a
+program sees the same interval of each source, so a column end -- or, causal, ``j <= i``); when
+``BLOCK_N`` divides ``b`` and ``o`` (``BLOCK_ALIGN``) the band starts on a tile boundary (in the first
+blocks its first tile takes the global keys above the boundary below ``g``: :func:`_local_band`), so
+there is no leading edge tile; the compressed windows (at most ``sb`` keys, masked by validity
+anyway; whole tiles untested, :func:`_window_part`) and the few global keys with the column test.
 Global rows (``i < g``) and short sequences (``N - o <= 2·b``) see every key (``j <= i`` when
 causal).  Non-causal global rows (``g <=`` :data:`GLOBAL_ROWS_MAX`) have their own kernels with a
 ``max(16, next_power_of_2(g))``-row tile (``_lsg_global_rows_*``: forward and dq split over key
@@ -38,13 +42,18 @@ Kernels
   source intervals are per program).
 * ``_lsg_bwd_dkdv_local_kernel``: grid ``(n_blocks · ceil(b / BLOCK_N), H_kv, B)``; ``BLOCK_N``
   non-global keys of block ``u`` against the rows of blocks ``u-1 .. u+1`` (``u, u+1`` and
-  ``i >= j`` when causal), summed over the query heads of the kv head (GQA).  The global rows'
-  share (dense path) is added in the same store.
+  ``i >= j`` when causal), summed over the query heads of the kv head (GQA; head and row tile
+  carried, :func:`_lsg_dkdv_loop`): a row outside the blocks reads ``lse = +inf`` (its ``p`` is 0),
+  so the edge row tiles need no per-element test but the causal ``j <= i`` on the diagonal ones.
+  The global rows' share (dense path) is added in the same store.
 * ``_lsg_bwd_dkdv_sparse_kernel``: grid ``(ceil(Tc / BLOCK_N), Hc, B)``; ``BLOCK_N`` compressed
   keys against the rows of the query blocks whose left (right) window reaches them -- two
   contiguous ranges of ``t`` derived from the tile's bounds, made disjoint and visited once each
   with a per-element window multiplicity (a row tile may straddle blocks); the rows of the blocks
   whose window holds the whole tile (and whose other window misses it) without the window test.
+  ``WIN_ALIGN`` (``BLOCK_N`` divides ``s`` and the window offsets, and a block's two windows are
+  disjoint: the regular geometry): every window holds a whole tile or none of it, and the partial
+  row steps need only their row mask, no window test either.
   ``BLOCK_N`` is pruned to at most ``max(16, s)``, so that regular windows hold whole tiles.
 * global keys: :func:`.sliding_window.add_global_key_grads` (shared by the families with global
   tokens; its key tile no wider than the key list) on the rows ``[g, N)``: split into row chunks
