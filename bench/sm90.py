@@ -476,9 +476,12 @@ def sass_loops(instrs: List[Tuple[int, str, Optional[int]]]) -> List[dict]:
 def _lsg_plan(c: dict) -> Tuple[str, ...]:
     """Local band, per compressed-key side its whole tiles (unmasked but for the validity mask) and
     its partial last tile, the global keys (no loop when ``g == 1``: the launch specialises
-    ``n_global == 1`` to a constant and the loop is one tile)."""
+    ``n_global == 1`` to a constant and the loop is one tile).  The band has no leading masked loop
+    when ``BLOCK_N`` divides ``BLOCK_ALIGN`` (the block size and offset: the band starts on a tile)."""
     sides = (1 if c.get("CAUSAL") else 2) if c.get("HAS_SPARSE") else 0
-    return _BAND3 + ("sparse_full", "sparse_edge") * sides + (("global",) if c.get("n_global") != 1 else ())
+    aligned = c.get("BLOCK_ALIGN", 0) >= c.get("BLOCK_N", 1 << 30)
+    band = ("unmasked", "masked") if aligned else _BAND3
+    return band + ("sparse_full", "sparse_edge") * sides + (("global",) if c.get("n_global") != 1 else ())
 
 
 # which inner loops a kernel has, in program order (before the family's extra loops)

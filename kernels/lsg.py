@@ -20,10 +20,14 @@ mask tensor is ever built:
   ``[(t+2)·s, (t+2)·s + sb)``), idem.  A compressed key in both windows counts twice;
 * global: ``k, v`` rows ``[0, g)``, padding keys masked.
 
-One program visits the four sources in turn with one online softmax (the helpers of
-:mod:`._core`): the local source's interior key blocks without the element mask, its edge blocks
-with it; the compressed windows (at most ``sb`` keys, masked by validity anyway; whole tiles
-unmasked, :func:`_window_part`) and the few global keys in one masked range.
+One program visits the four sources in turn with one online softmax (:func:`_lsg_fwd_loop` /
+:func:`_lsg_dq_loop` on the :mod:`._core` pieces): the local source's interior key tiles without a
+test, its edge tiles with only the test that can fail there (:func:`_tile_scores`: every row of a
+program sees the same interval of each source, so a column end -- or, causal, ``j <= i``); when
+``BLOCK_N`` divides ``b`` and ``o`` (``BLOCK_ALIGN``) the band starts on a tile boundary (in the first
+blocks its first tile takes the global keys above the boundary below ``g``: :func:`_local_band`), so
+there is no leading edge tile; the compressed windows (at most ``sb`` keys, masked by validity
+anyway; whole tiles untested, :func:`_window_part`) and the few global keys with the column test.
 Global rows (``i < g``) and short sequences (``N - o <= 2·b``) see every key (``j <= i`` when
 causal).  Non-causal global rows (``g <=`` :data:`GLOBAL_ROWS_MAX`) have their own kernels with a
 ``max(16, next_power_of_2(g))``-row tile (``_lsg_global_rows_*``: forward and dq split over key
@@ -38,13 +42,18 @@ Kernels
   source intervals are per program).
 * ``_lsg_bwd_dkdv_local_kernel``: grid ``(n_blocks · ceil(b / BLOCK_N), H_kv, B)``; ``BLOCK_N``
   non-global keys of block ``u`` against the rows of blocks ``u-1 .. u+1`` (``u, u+1`` and
-  ``i >= j`` when causal), summed over the query heads of the kv head (GQA).  The global rows'
-  share (dense path) is added in the same store.
+  ``i >= j`` when causal), summed over the query heads of the kv head (GQA; head and row tile
+  carried, :func:`_lsg_dkdv_loop`): a row outside the blocks reads ``lse = +inf`` (its ``p`` is 0),
+  so the edge row tiles need no per-element test but the causal ``j <= i`` on the diagonal ones.
+  The global rows' share (dense path) is added in the same store.
 * ``_lsg_bwd_dkdv_sparse_kernel``: grid ``(ceil(Tc / BLOCK_N), Hc, B)``; ``BLOCK_N`` compressed
   keys against the rows of the query blocks whose left (right) window reaches them -- two
   contiguous ranges of ``t`` derived from the tile's bounds, made disjoint and visited once each
   with a per-element window multiplicity (a row tile may straddle blocks); the rows of the blocks
   whose window holds the whole tile (and whose other window misses it) without the window test.
+  ``WIN_ALIGN`` (``BLOCK_N`` divides ``s`` and the window offsets, and a block's two windows are
+  disjoint: the regular geometry): every window holds a whole tile or none of it, and the partial
+  row steps need only their row mask, no window test either.
   ``BLOCK_N`` is pruned to at most ``max(16, s)``, so that regular windows hold whole tiles.
 * global keys: :func:`.sliding_window.add_global_key_grads` (shared by the families with global
   tokens; its key tile no wider than the key list) on the rows ``[g, N)``: split into row chunks
@@ -65,6 +74,7 @@ kernel; nothing of size ``N × window``, no mask tensor.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -73,7 +83,8 @@ import triton.language as tl
 
 from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd_dkdv_heads, attn_bwd_dq_range,
                     attn_bwd_load_rows, attn_fwd_finalize, attn_fwd_range, block_range, bwd_preprocess, cast_to,
-                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, next_power_of_2, split_scale)
+                    dropout_head_key, dropout_keep, dropout_load, dropout_row_keys, mix32, next_power_of_2,
+                    online_softmax_update, split_scale, LN2)
 # launch plumbing shared by the families; LSG's tuning (kernels/_launch.py) under the names the kernels use
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK,
                       _LSG_CAUSAL_LOCAL_DKDV_BUDGET as _CAUSAL_LOCAL_DKDV_BUDGET, _LSG_DKDV_SHAPES as _DKDV_SHAPES, _LSG_FWD_SHAPES as _FWD_SHAPES, _lsg_tuned as _tuned,
@@ -138,6 +149,146 @@ def _block_span(p_first, p_last, w_lo, w_hi, sparse_step, wrap, n_blocks):
     return tl.where(empty, 0, t_lo), tl.where(empty, 0, t_hi)
 
 
+# The masked tests of the forward / dq loops.  Every row of a program lies in one LSG block and every
+# row of a block sees the same interval of each key source, so a masked tile only ever needs a test
+# on its *columns* -- the interval's ends -- except for the causal local source, where the one 2-D
+# test ``j <= i`` (one compare and one select per score) also stands in for the column end ``k_end``
+# (a program's rows are below it; the rows past it are never stored).  Each loop tests only what can
+# fail there (``TEST``):
+_NO_TEST: tl.constexpr = tl.constexpr(0)  # whole tiles inside the interval (the key mask stays)
+_COLS: tl.constexpr = tl.constexpr(1)  # k_begin <= j < k_end (a tile holding the interval's start)
+_COLS_END: tl.constexpr = tl.constexpr(2)  # j < k_end (tiles from k_begin on: the interval's end)
+_CAUSAL_DIAG: tl.constexpr = tl.constexpr(3)  # j <= i (causal, tiles from k_begin on)
+_CAUSAL_START: tl.constexpr = tl.constexpr(4)  # k_begin <= j <= i (causal, a tile holding k_begin)
+# (a column that fails a column test or the key mask gets index _COL_OUT in the causal compare: past every row)
+_COL_OUT: tl.constexpr = tl.constexpr(1 << 29)
+
+
+@triton.jit
+def _tile_positions(o_c, j0, k_end, TEST: tl.constexpr):
+    """``[BN]`` int64 key positions to load for the tile at ``j0`` (columns ``o_c = 0..BN-1``): clamped
+    below ``k_end`` in a tested tile (in bounds; the columns past it fail the test)."""
+    if TEST == _NO_TEST:
+        return (j0 + o_c).to(tl.int64)
+    else:
+        return tl.minimum(j0 + o_c, k_end - 1).to(tl.int64)
+
+
+@triton.jit
+def _tile_scores(b_s, o_c, j0, o_i, o_pos, k_begin, k_end, p_km, stride_kmn, TEST: tl.constexpr,
+                 HAS_KEY_MASK: tl.constexpr):
+    """The ``[BM, BN]`` scores ``b_s`` of the tile at ``j0`` (rows ``o_i``, columns ``o_c = 0..BN-1`` at
+    positions ``o_pos``) with ``-inf`` where ``TEST`` or the key mask fails: a column test and the key
+    mask make one ``[BN]`` validity and one select per score; the causal tests fold it into the column
+    index compared with each row's ``i - j0`` (one compare and one select per score)."""
+    o_j = j0 + o_c
+    if TEST == _COLS:
+        m_c = (o_j - k_begin).to(tl.uint32, bitcast=True) < (k_end - k_begin).to(tl.uint32, bitcast=True)
+    elif TEST == _COLS_END:
+        m_c = o_j < k_end
+    else:
+        m_c = o_c >= 0  # (constant true)
+    if HAS_KEY_MASK:
+        m_c = m_c & (tl.load(p_km + o_pos * stride_kmn) != 0)
+    if TEST == _CAUSAL_DIAG:  # j0 + c <= i
+        if HAS_KEY_MASK:
+            c = tl.where(m_c, o_c, _COL_OUT)
+        else:
+            c = o_c
+        b_s = tl.where(c[None, :] <= (o_i - j0)[:, None], b_s, float("-inf"))
+    elif TEST == _CAUSAL_START:  # 0 <= j - k_begin <= i - k_begin (unsigned; the rows kept are >= k_begin)
+        c = (o_j - k_begin).to(tl.uint32, bitcast=True)
+        if HAS_KEY_MASK:
+            c = tl.where(m_c, c, _COL_OUT)
+        b_s = tl.where(c[None, :] <= (o_i - k_begin).to(tl.uint32, bitcast=True)[:, None], b_s, float("-inf"))
+    elif TEST != _NO_TEST or HAS_KEY_MASK:
+        b_s = tl.where(m_c[None, :], b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
+def _lsg_fwd_loop(
+    acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    j_lo, j_hi, k_begin, k_end, qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, TEST: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr,
+    USE_EXP2: tl.constexpr, b_rk, col_offset, drop_thresh, DROPOUT: tl.constexpr,
+):
+    """:func:`._core.attn_fwd_range` for the LSG forward: the keys ``[j_lo, j_hi)`` (``j_lo >= 0``) of a
+    source whose keys ``[k_begin, k_end)`` every row of the block sees, ``BLOCK_N`` at a time, with only
+    the test ``TEST`` (above); ``HAS_KEY_MASK``: ``p_km`` (uint8, nonzero = visible) on every tile;
+    dropout columns ``col_offset + j``."""
+    o_c = tl.arange(0, BLOCK_N)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_pos = _tile_positions(o_c, j0, k_end, TEST)
+        b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D], in bounds
+        b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
+        b_s = _mm(b_q, tl.trans(b_k), None)  # [BM, BN], unscaled unless the float64 split scale is on
+        if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_s = _tile_scores(b_s, o_c, j0, o_i, o_pos, k_begin, k_end, p_km, stride_kmn, TEST, HAS_KEY_MASK)
+        b_keep = None
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+        if EXACT_SCALE:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+        else:
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _lsg_dq_loop(
+    b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
+    j_lo, j_hi, k_begin, k_end, qk_scale, qk_scale_lo,
+    BLOCK_N: tl.constexpr, TEST: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr,
+    USE_EXP2: tl.constexpr, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
+):
+    """:func:`._core.attn_bwd_dq_range` for the LSG dq kernel (keys and tests as :func:`_lsg_fwd_loop`)."""
+    o_c = tl.arange(0, BLOCK_N)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        o_pos = _tile_positions(o_c, j0, k_end, TEST)
+        b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D], in bounds
+        b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
+        b_s = _mm(b_q, tl.trans(b_k), None)  # [BM, BN]
+        if EXACT_SCALE:  # scale before the -inf (x*lo)
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_s = _tile_scores(b_s, o_c, j0, o_i, o_pos, k_begin, k_end, p_km, stride_kmn, TEST, HAS_KEY_MASK)
+        if not EXACT_SCALE:  # the select first: the scale fuses into the exponent's FMA
+            b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+        b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
+        b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
+        if DROPOUT:
+            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+            b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
+    return b_dq
+
+
+@triton.jit
+def _local_band(t_start, block_size, n, n_global, big, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """``(k_begin, k_end, after, g_end)`` of block ``t``'s rows (first row ``t_start``): the local keys
+    ``[k_begin, k_end)`` (blocks ``t-1 .. t+1``; causal: ``t-1, t`` and ``j <= i``, ``after = 0``) and
+    the global keys ``[0, g_end)`` walked apart.  Plainly ``k_begin = max(t_start - b, g)``, ``g_end =
+    g``.  ``ALIGNED`` (``BLOCK_N`` divides ``b`` and ``o``): ``t_start - b`` is a tile boundary, and a
+    band that would start at ``g`` starts at the tile boundary below it instead, its first tile taking
+    the global keys ``[g_end, g)`` (every non-global row sees them, and they are before its position):
+    the band then has no tile holding ``k_begin``, i.e. no leading masked tile."""
+    k_begin = tl.maximum(t_start - block_size, n_global)
+    g_end = n_global + 0 * t_start
+    if ALIGNED:
+        g_end = tl.where(t_start - block_size < n_global, n_global // BLOCK_N * BLOCK_N, n_global)
+        k_begin = tl.maximum(t_start - block_size, g_end)
+    if CAUSAL:
+        k_end = tl.maximum(tl.minimum(t_start + block_size, n), k_begin)
+        after = 0
+    else:
+        k_end = tl.maximum(tl.minimum(t_start + 2 * block_size, n), k_begin)
+        after = big
+    return k_begin, k_end, after, g_end
+
+
 @_tuned(_FWD_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "HAS_SPARSE", "DROPOUT"], kind="fwd",
         tile="BLOCK_M", bound="block_size")
 @triton.jit
@@ -157,7 +308,7 @@ def _lsg_fwd_kernel(
     qk_scale, qk_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_ALIGN: tl.constexpr,
 ):
     # program -> (LSG block i_t, sub-tile of BLOCK_M rows); heads; batch
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -192,30 +343,25 @@ def _lsg_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
 
-    # local: blocks t-1 .. t+1 (t-1, t and j <= i when causal), global keys excluded
-    k_begin = tl.maximum(t_start - block_size, n_global)
-    if CAUSAL:
-        k_end = tl.maximum(tl.minimum(t_start + block_size, n), k_begin)
-        after = 0
-    else:
-        k_end = tl.maximum(tl.minimum(t_start + 2 * block_size, n), k_begin)
-        after = big
+    # local: blocks t-1 .. t+1 (t-1, t and j <= i when causal), global keys [0, g_end) apart
+    ALIGNED: tl.constexpr = BLOCK_ALIGN >= BLOCK_N
+    k_begin, k_end, after, g_end = _local_band(t_start, block_size, n, n_global, big, CAUSAL, BLOCK_N, ALIGNED)
     lo, full_lo, full_hi, hi = block_range(start, big, after, k_begin, k_end, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = attn_fwd_range(
+    # the tile holding k_begin (none when ALIGNED), the whole tiles, the tiles from the last whole one on
+    # (the tests: _tile_scores)
+    if not ALIGNED:
+        acc, m_i, l_i = _lsg_fwd_loop(
+            acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+            o_d * stride_vd, lo, full_lo, k_begin, k_end, qk_scale, qk_scale_lo, BLOCK_N,
+            _CAUSAL_START if CAUSAL else _COLS, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk, 0, drop_thresh, DROPOUT)
+    acc, m_i, l_i = _lsg_fwd_loop(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
-        lo, full_lo, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
-    acc, m_i, l_i = attn_fwd_range(
+        full_lo, full_hi, k_begin, k_end, qk_scale, qk_scale_lo, BLOCK_N, _NO_TEST,
+        HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk, 0, drop_thresh, DROPOUT)
+    acc, m_i, l_i = _lsg_fwd_loop(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
-        full_lo, full_hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
-    acc, m_i, l_i = attn_fwd_range(
-        acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
-        full_hi, hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+        full_hi, hi, k_begin, k_end, qk_scale, qk_scale_lo, BLOCK_N, _CAUSAL_DIAG if CAUSAL else _COLS_END,
+        HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk, 0, drop_thresh, DROPOUT)
 
     if HAS_SPARSE:
         # compressed keys: every row of the block sees the same interval of at most sb keys, masked
@@ -229,20 +375,19 @@ def _lsg_fwd_kernel(
             for part in tl.static_range(2):  # whole tiles unmasked (the validity mask stays), then the rest
                 c_begin, c_end, j_lo, j_hi = _window_part(i_t * sparse_step, left_lo, left_hi, right_lo, right_hi,
                                                           n_c, side, part, BLOCK_N)
-                acc, m_i, l_i = attn_fwd_range(
+                acc, m_i, l_i = _lsg_fwd_loop(
                     acc, m_i, l_i, b_q, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn, o_d * stride_kcd,
-                    o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big, qk_scale, qk_scale_lo,
-                    BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2,
-                    b_rk=b_rk, col_offset=n, drop_thresh=drop_thresh, DROPOUT=DROPOUT)  # columns N + p
+                    o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, qk_scale, qk_scale_lo, BLOCK_N,
+                    _COLS_END if part == 1 else _NO_TEST, True, EXACT_SCALE, USE_EXP2,
+                    b_rk, n, drop_thresh, DROPOUT)  # columns N + p
 
     # global keys [0, g): few, always edge-masked (a 16- or 32-key tile here took 2-32 more SASS
     # instructions in the band walk's masked tile or up to 25 more registers on sm_90 -- padding,
     # dropout, D = 128 -- so they keep BLOCK_N)
-    acc, m_i, l_i = attn_fwd_range(
+    acc, m_i, l_i = _lsg_fwd_loop(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd, o_d * stride_vd,
-        0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+        0, g_end, 0, g_end, qk_scale, qk_scale_lo, BLOCK_N, _COLS_END,
+        HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk, 0, drop_thresh, DROPOUT)
 
     m_row = m_m
     if HAS_KMASK:  # padding rows output 0, lse -inf
@@ -276,7 +421,7 @@ def _lsg_bwd_dq_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_KMASK: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_ALIGN: tl.constexpr,
 ):
     # the forward's program layout and source loop; dS = P ∘ (dP' − delta), dq += dS k
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -313,29 +458,25 @@ def _lsg_bwd_dq_kernel(
         drop_seed, drop_thresh = dropout_load(DROP)
         b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
 
-    k_begin = tl.maximum(t_start - block_size, n_global)
-    if CAUSAL:
-        k_end = tl.maximum(tl.minimum(t_start + block_size, n), k_begin)
-        after = 0
-    else:
-        k_end = tl.maximum(tl.minimum(t_start + 2 * block_size, n), k_begin)
-        after = big
+    ALIGNED: tl.constexpr = BLOCK_ALIGN >= BLOCK_N
+    k_begin, k_end, after, g_end = _local_band(t_start, block_size, n, n_global, big, CAUSAL, BLOCK_N, ALIGNED)
     lo, full_lo, full_hi, hi = block_range(start, big, after, k_begin, k_end, BLOCK_M, BLOCK_N)
-    b_dq = attn_bwd_dq_range(
+    if not ALIGNED:
+        b_dq = _lsg_dq_loop(
+            b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
+            o_d * stride_vd, lo, full_lo, k_begin, k_end, qk_scale, qk_scale_lo, BLOCK_N,
+            _CAUSAL_START if CAUSAL else _COLS, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+            b_rk, 0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+    b_dq = _lsg_dq_loop(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, lo, full_lo, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dq = attn_bwd_dq_range(
+        o_d * stride_vd, full_lo, full_hi, k_begin, k_end, qk_scale, qk_scale_lo, BLOCK_N,
+        _NO_TEST, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk, 0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+    b_dq = _lsg_dq_loop(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, full_lo, full_hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, False, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dq = attn_bwd_dq_range(
-        b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, full_hi, hi, k_begin, k_end, 0, 1, big, after, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+        o_d * stride_vd, full_hi, hi, k_begin, k_end, qk_scale, qk_scale_lo, BLOCK_N,
+        _CAUSAL_DIAG if CAUSAL else _COLS_END, HAS_KMASK, EXACT_SCALE, USE_EXP2,
+        b_rk, 0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
 
     if HAS_SPARSE:
         i_hc = i_h // heads_per_c
@@ -346,17 +487,16 @@ def _lsg_bwd_dq_kernel(
             for part in tl.static_range(2):
                 c_begin, c_end, j_lo, j_hi = _window_part(i_t * sparse_step, left_lo, left_hi, right_lo, right_hi,
                                                           n_c, side, part, BLOCK_N)
-                b_dq = attn_bwd_dq_range(
+                b_dq = _lsg_dq_loop(
                     b_dq, b_q, b_do, b_lse, b_delta, o_m, p_kc, p_vc, p_sv, stride_kcn, stride_vcn, stride_svn,
-                    o_d * stride_kcd, o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, 0, 1, big, big,
-                    qk_scale, qk_scale_lo, BLOCK_N, part == 1, True, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=n,
-                    drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+                    o_d * stride_kcd, o_d * stride_vcd, j_lo, j_hi, c_begin, c_end, qk_scale, qk_scale_lo, BLOCK_N,
+                    _COLS_END if part == 1 else _NO_TEST, True, EXACT_SCALE, USE_EXP2,
+                    b_rk, n, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
 
-    b_dq = attn_bwd_dq_range(
+    b_dq = _lsg_dq_loop(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
-        o_d * stride_vd, 0, n_global, 0, n_global, 0, 1, big, big, qk_scale, qk_scale_lo,
-        BLOCK_N, True, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-        b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+        o_d * stride_vd, 0, g_end, 0, g_end, qk_scale, qk_scale_lo, BLOCK_N, _COLS_END,
+        HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk, 0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -367,6 +507,91 @@ def _lsg_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------
 # dk, dv
 # --------------------------------------------------------------------------------------
+
+
+# The masked tests of the local dk/dv loops: every row of the blocks u-1 .. u+1 (u, u+1 when causal)
+# sees every key of block u (causal: the keys j <= i), so a row tile only needs its rows' range
+# [r_begin, r_end) -- a row outside it reads lse = +inf, hence p = 0, without a per-element test --
+# and, causal, the 2-D test j <= i on the diagonal tiles (which also stands in for r_begin there:
+# every key of the block is >= r_begin).
+_ROWS: tl.constexpr = tl.constexpr(1)  # r_begin <= i < r_end, through lse
+_ROWS_CAUSAL: tl.constexpr = tl.constexpr(2)  # i < r_end through lse, j <= i per element
+_ROWS_END: tl.constexpr = tl.constexpr(3)  # i < r_end through lse (row tiles from r_begin and the diagonal on)
+
+
+@triton.jit
+def _lsg_dkdv_loop(
+    b_dk, b_dv, b_k, b_v, o_j,
+    p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh, stride_dh,
+    stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
+    i_lo, i_hi, r_begin, r_end, qk_scale, qk_scale_lo,
+    BLOCK_M: tl.constexpr, TEST: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
+):
+    """:func:`._core.attn_bwd_dkdv_heads` for the LSG local dk/dv kernel: ``dv += Pᵀ dO``, ``dk += dSᵀ q``
+    for the keys ``o_j [BN]`` (``b_k, b_v [BN, D]``) over the rows ``[i_lo, i_hi)`` (``i_lo >= 0``),
+    ``BLOCK_M`` at a time, summed over the ``n_heads`` query heads ``i_h0, ...`` (one flat loop, the head
+    and the row tile carried, no divide), transposed ``[BN, BM]`` tiles, with only the test ``TEST``
+    (``_NO_TEST``: every row in ``[r_begin, r_end)`` and past every key; ``_ROWS``, ``_ROWS_CAUSAL``,
+    ``_ROWS_END``);
+    the keys' dropout columns ``b_kcol [BN]``, query head ``h``'s ``b·H + h = drop_bh0 + h``."""
+    o_r = tl.arange(0, BLOCK_M)  # [BM] row offsets inside a tile
+    n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
+    i_h = i_lo * 0  # int32 scalar: the head, carried
+    i0 = i_lo  # the row tile, carried
+    for _ in range(0, n_blk * n_heads):
+        i_hq = tl.cast(i_h0 + i_h, tl.int64)
+        o_i = i0 + o_r  # [BM]
+        if TEST == _NO_TEST:
+            o_pos = o_i.to(tl.int64)
+            m_i = None
+        else:  # rows clamped below r_end: loads in bounds; lse masked to +inf outside [r_begin, r_end)
+            if TEST == _ROWS and BLOCK_M >= 32 and b_k.shape[0] < 64:
+                # the row clamped into [r_begin, r_end) and compared: on sm_90 (bench.sm90, D = 64) the
+                # 32x32/4w tiles then fit 128 registers without spilling (the unsigned test spilled 24 B);
+                # elsewhere the unsigned test takes fewer instructions and registers (64x128/8w: 440 vs 522
+                # per masked tile; 16x16/2w: 96 vs 120 registers)
+                o_cl = tl.minimum(tl.maximum(o_i, r_begin), r_end - 1)
+                m_i = o_cl == o_i
+                o_pos = o_cl.to(tl.int64)
+            else:
+                o_pos = tl.minimum(o_i, r_end - 1).to(tl.int64)
+                if TEST == _ROWS:
+                    m_i = (o_i - r_begin).to(tl.uint32, bitcast=True) < (r_end - r_begin).to(tl.uint32,
+                                                                                                bitcast=True)
+                else:
+                    m_i = o_i < r_end
+        b_q = tl.load(p_q + i_hq * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :])  # [BM, D]
+        b_do = tl.load(p_do + i_hq * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
+        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_hq * stride_lh, p_delta + i_hq * stride_dh, o_pos, stride_ln,
+                                            stride_dn, m_i, TEST != _NO_TEST, USE_EXP2)
+        b_st = _mm(b_k, tl.trans(b_q), None)  # [BN, BM], unscaled unless the float64 split scale is on
+        if EXACT_SCALE:
+            b_st = _scale(b_st, qk_scale, qk_scale_lo, EXACT_SCALE)
+            if TEST == _ROWS_CAUSAL:
+                b_st = tl.where(o_r[None, :] >= (o_j - i0)[:, None], b_st, float("-inf"))
+            b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
+        else:
+            if TEST == _ROWS_CAUSAL:
+                b_st = tl.where(o_r[None, :] >= (o_j - i0)[:, None], b_st, float("-inf"))
+            b_pt = _exp(b_st * qk_scale - b_lse[None, :], USE_EXP2)  # [BN, BM]
+        b_dpt = _mm(b_v, tl.trans(b_do), None)  # [BN, BM]
+        if DROPOUT:
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_hq), o_pos)  # [BM]
+            b_keep_t = mix32(b_kcol.to(tl.uint32)[:, None] ^ b_rk[None, :]) >= drop_thresh  # [BN, BM]
+            b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+            b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
+            b_dpt = tl.where(b_keep_t, _scale(b_dpt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+        else:
+            b_dv = _mm(cast_to(b_pt, b_do.dtype), b_do, b_dv)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = _mm(cast_to(b_dst, b_q.dtype), b_q, b_dk)
+        # next head; after the last one, the next row tile
+        i_h += 1
+        wrap = i_h == n_heads
+        i_h = tl.where(wrap, 0, i_h)
+        i0 = tl.where(wrap, i0 + BLOCK_M, i0)
+    return b_dk, b_dv
 
 
 @_tuned(_DKDV_SHAPES, key=["HEAD_DIM", "block_size", "CAUSAL", "DROPOUT"], kind="dkdv", tile="BLOCK_N",
@@ -435,24 +660,22 @@ def _lsg_bwd_dkdv_local_kernel(
     if DROPOUT:
         drop_seed, drop_thresh = dropout_load(DROP)
     drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H (query heads); the keys' columns are o_n
-    b_dk, b_dv = attn_bwd_dkdv_heads(
+    # the row tiles holding r_begin (causal: the diagonal ones), the whole ones, the ones holding r_end
+    b_dk, b_dv = _lsg_dkdv_loop(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        lo, full_lo, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dk, b_dv = attn_bwd_dkdv_heads(
+        lo, full_lo, r_begin, r_end, qk_scale, qk_scale_lo, BLOCK_M, _ROWS_CAUSAL if CAUSAL else _ROWS, EXACT_SCALE,
+        USE_EXP2, o_n, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+    b_dk, b_dv = _lsg_dkdv_loop(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        full_lo, full_hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE,
-        USE_EXP2, b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
-    b_dk, b_dv = attn_bwd_dkdv_heads(
+        full_lo, full_hi, r_begin, r_end, qk_scale, qk_scale_lo, BLOCK_M, _NO_TEST, EXACT_SCALE,
+        USE_EXP2, o_n, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+    b_dk, b_dv = _lsg_dkdv_loop(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
-        full_hi, hi, r_begin, r_end, 0, 1, big, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_n, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+        full_hi, hi, r_begin, r_end, qk_scale, qk_scale_lo, BLOCK_M, _ROWS_END, EXACT_SCALE,
+        USE_EXP2, o_n, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
 
     m_key = m_n
     if HAS_KMASK:  # padding keys were never seen
@@ -484,7 +707,7 @@ def _sparse_dkdv_heads(
     row_lo, row_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo, right_hi, qk_scale,
     qk_scale_lo, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, WHOLE_TILES: tl.constexpr = False,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the compressed keys ``o_c [BN]`` (``b_k, b_v [BN, D]``)
     over the non-global rows ``[row_lo, row_hi)`` (``row_lo >= max(g, o)``), ``BLOCK_M`` at a time,
@@ -499,17 +722,25 @@ def _sparse_dkdv_heads(
     ``b_kcol [BN]`` (uint32 ``N + p``) and query head ``h`` has ``b·H + h = drop_bh0 + h``.
     ``MASKED = False``: the caller guarantees that every row's block holds every key of the tile in
     exactly one of its windows and that ``row_hi - row_lo`` is a multiple of ``BLOCK_M``; no window
-    test."""
+    test.  ``WHOLE_TILES`` (with ``MASKED``): the caller guarantees that each window of a block holds
+    all of the tile or none of it (``BN`` divides ``s`` and the window offsets) and that no block's
+    two windows meet, and walks ``[row_lo, row_hi)`` over blocks whose window holds the tile (the
+    blocks of one window's span, :func:`_block_span`): every row below ``row_hi`` sees each key of
+    the tile once, and the walk needs only its row mask, no window test."""
     n_blk = tl.cdiv(tl.maximum(row_hi - row_lo, 0), BLOCK_M)
-    # Loop-carried, so that the loop holds no integer divide: the head ``i_h`` and, per row of the
-    # tile, its LSG block ``b_t`` and offset ``b_r`` in it.  The tile advances by ``BLOCK_M = q_step·b
-    # + r_step`` rows once every ``n_heads`` steps; these divides are done once, here.
-    o_i = row_lo + tl.arange(0, BLOCK_M)  # [BM]
-    b_t = (o_i - block_offset) // block_size  # [BM], rows >= block_offset
-    b_r = (o_i - block_offset) - b_t * block_size
-    q_step = BLOCK_M // block_size
-    r_step = BLOCK_M - q_step * block_size
+    WINDOW_TEST: tl.constexpr = MASKED and not WHOLE_TILES
+    # Loop-carried, so that the loop holds no integer divide: the head ``i_h``, the tile's first row
+    # ``i0`` and, with the window test, per row of the tile its LSG block ``b_t`` and offset ``b_r`` in
+    # it.  The tile advances by ``BLOCK_M = q_step·b + r_step`` rows once every ``n_heads`` steps; these
+    # divides are done once, here.
+    o_r = tl.arange(0, BLOCK_M)  # [BM]
+    i0 = row_lo
     i_h = row_lo * 0  # int32 scalar
+    if WINDOW_TEST:
+        b_t = (row_lo + o_r - block_offset) // block_size  # [BM], rows >= block_offset
+        b_r = (row_lo + o_r - block_offset) - b_t * block_size
+        q_step = BLOCK_M // block_size
+        r_step = BLOCK_M - q_step * block_size
     # key p is in its row's window [t·s + lo, t·s + hi) iff (p - lo) - t·s, as uint32, < hi - lo:
     # one subtract and one compare per element and window
     l_span = tl.maximum(left_hi - left_lo, 0).to(tl.uint32)
@@ -518,16 +749,20 @@ def _sparse_dkdv_heads(
     o_cr = (o_c - right_lo)[:, None]
     for _ in range(0, n_blk * n_heads):
         i_hq = tl.cast(i_h0 + i_h, tl.int64)
-        m_i = o_i < row_hi
+        o_i = i0 + o_r
         o_pos = o_i.to(tl.int64)
-        b_q = tl.load(p_q + i_hq * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
-                      other=0.0)  # [BM, D]
-        b_do = tl.load(p_do + i_hq * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :], mask=m_i[:, None],
-                       other=0.0)
-        # rows past row_hi: q = 0 and lse = +inf, so their p is 0 without a per-element row mask
+        if MASKED:  # rows past row_hi: q = 0 and lse = +inf, so their p is 0 without a per-element row mask
+            m_i = o_i < row_hi
+            b_q = tl.load(p_q + i_hq * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :], mask=m_i[:, None],
+                          other=0.0)  # [BM, D]
+            b_do = tl.load(p_do + i_hq * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :],
+                           mask=m_i[:, None], other=0.0)
+        else:  # whole steps: every row below row_hi
+            m_i = o_i < row_hi  # unused
+            b_q = tl.load(p_q + i_hq * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :])  # [BM, D]
+            b_do = tl.load(p_do + i_hq * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :])
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_hq * stride_lh, p_delta + i_hq * stride_dh, o_pos, stride_ln,
-                                            stride_dn, m_i, True, USE_EXP2)
-        b_base = (b_t * sparse_step)[None, :]  # [1, BM]: t·s of each row
+                                            stride_dn, m_i, MASKED, USE_EXP2)
         b_st = _mm(b_k, tl.trans(b_q), None)  # [BN, BM], unscaled unless the float64 split scale is on
         if EXACT_SCALE:
             b_e = _exp(_scale(b_st, qk_scale, qk_scale_lo, EXACT_SCALE) - b_lse[None, :], USE_EXP2)
@@ -535,11 +770,12 @@ def _sparse_dkdv_heads(
             b_e = _exp(b_st * qk_scale - b_lse[None, :], USE_EXP2)
         # P once per window of the row's block that holds the key (a key in both counts twice, as in
         # the forward); selects, not a multiply, so that an overflowed exp of an unseen key stays out
-        if MASKED:
+        if WINDOW_TEST:
+            b_base = (b_t * sparse_step)[None, :]  # [1, BM]: t·s of each row
             b_pt = tl.where((o_cl - b_base).to(tl.uint32, bitcast=True) < l_span, b_e, 0.0)
             if not CAUSAL:
                 b_pt += tl.where((o_cr - b_base).to(tl.uint32, bitcast=True) < r_span, b_e, 0.0)
-        else:  # every row's block holds every key of the tile in exactly one window
+        else:  # every row's block (below row_hi) holds every key of the tile in exactly one window
             b_pt = b_e
         if DROPOUT:
             b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_hq), o_pos)  # [BM]
@@ -557,11 +793,12 @@ def _sparse_dkdv_heads(
         i_h += 1
         wrap = i_h == n_heads
         i_h = tl.where(wrap, 0, i_h)
-        b_r_next = b_r + r_step
-        carry = b_r_next >= block_size
-        b_r = tl.where(wrap, tl.where(carry, b_r_next - block_size, b_r_next), b_r)
-        b_t = tl.where(wrap, b_t + q_step + carry.to(tl.int32), b_t)
-        o_i = tl.where(wrap, o_i + BLOCK_M, o_i)
+        i0 = tl.where(wrap, i0 + BLOCK_M, i0)
+        if WINDOW_TEST:
+            b_r_next = b_r + r_step
+            carry = b_r_next >= block_size
+            b_r = tl.where(wrap, tl.where(carry, b_r_next - block_size, b_r_next), b_r)
+            b_t = tl.where(wrap, b_t + q_step + carry.to(tl.int32), b_t)
     return b_dk, b_dv
 
 
@@ -606,8 +843,12 @@ def _lsg_bwd_dkdv_sparse_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+    WIN_ALIGN: tl.constexpr,
 ):
-    # one program = BLOCK_N compressed keys of one compressed head, summed over its query heads
+    # one program = BLOCK_N compressed keys of one compressed head, summed over its query heads;
+    # WIN_ALIGN (:func:`_window_align`: a power of two dividing s and the window offsets, 0 when a block's
+    # windows meet): when BLOCK_N divides it, each window of a block holds all of a tile or none of it, and
+    # the masked row steps need no window test (_sparse_dkdv_heads' WHOLE_TILES)
     i_n, i_hc, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ACC = DELTA.dtype.element_ty
     p_first = i_n * BLOCK_N
@@ -688,7 +929,7 @@ def _lsg_bwd_dkdv_sparse_kernel(
                 o_d * stride_dod, w_lo, w_hi, block_offset, block_size, sparse_step, left_lo, left_hi, right_lo,
                 right_hi, qk_scale, qk_scale_lo, BLOCK_M, CAUSAL, EXACT_SCALE, USE_EXP2,
                 (n + o_c).to(tl.uint32), drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
-                part != 1)
+                part != 1, WIN_ALIGN >= BLOCK_N)
 
     m_key = m_c & (tl.load(SV + i_b.to(tl.int64) * stride_svb + i_hc.to(tl.int64) * stride_svh + o_pc * stride_svn,
                            mask=m_c, other=0) != 0)  # invalid compressed keys were never seen
@@ -1046,6 +1287,8 @@ class _Args:
         wrap = (max(abs(l_lo), abs(l_hi), abs(r_lo), abs(r_hi)) + step) // step + 1
         self.sparse = dict(n_c=self.n_c, sparse_step=step, left_lo=l_lo, left_hi=l_hi, right_lo=r_lo, right_hi=r_hi,
                            sparse_wrap=wrap, heads_per_c=h // self.h_c)
+        self.win_align = _window_align(step, (l_lo, l_hi), (r_lo, r_hi))
+        self.block_align = _pow2_divisor(block_size, block_offset)  # the forward / dq kernels' BLOCK_ALIGN
         # attention dropout: the sliding-window launchers' keywords and the LSG kernels'
         self.dropout = dict(dropout_p=dropout_p, dropout_state=dropout_state)
         self.drop = _dropout_args(dropout_p, dropout_state, q)
@@ -1064,6 +1307,30 @@ def _windows(sparse_windows, step: int, sparse_block_size: int, causal: bool):
                          f"got {sparse_windows!r}") from None
     left, right = (ints[0], max(ints[1], ints[0])), (ints[2], max(ints[3], ints[2]))
     return left, ((0, 0) if causal else right)
+
+
+WINDOW_ALIGN_MAX = 1024
+"""Cap of :func:`_pow2_divisor` / :func:`_window_align` (above every kernel tile)."""
+
+
+def _pow2_divisor(*values: int) -> int:
+    """The largest power of two (at most :data:`WINDOW_ALIGN_MAX`) dividing every value (0 divides nothing:
+    all zeros give the cap)."""
+    g = 0
+    for x in values:
+        g = math.gcd(g, abs(int(x)))
+    return WINDOW_ALIGN_MAX if g == 0 else min(g & -g, WINDOW_ALIGN_MAX)
+
+
+def _window_align(step: int, left: Tuple[int, int], right: Tuple[int, int]) -> int:
+    """The compressed-key dk/dv kernel's ``WIN_ALIGN``: the largest power of two (at most
+    :data:`WINDOW_ALIGN_MAX`) dividing ``s`` and every window offset, so that a key tile of ``BLOCK_N``
+    (a power of two) dividing it lies wholly inside or wholly outside each window of every block; 0
+    when the two windows of a block meet (a key seen twice by one row: the kernel's window test)."""
+    (l_lo, l_hi), (r_lo, r_hi) = left, right
+    if l_lo < l_hi and r_lo < r_hi and max(l_lo, r_lo) < min(l_hi, r_hi):
+        return 0
+    return _pow2_divisor(step, l_lo, l_hi, r_lo, r_hi)
 
 
 def _sparse_args(k_sparse, v_sparse, sparse_valid, like):
@@ -1137,7 +1404,7 @@ def lsg_fwd(
         stride_svb=sv.stride(0), stride_svh=s_svh, stride_svn=sv.stride(2), **_strides("km", km, "bn"),
         **_strides("o", out), **_strides("l", lse, "bhn"),
         heads_per_kv=h // a.h_kv, **a.sparse, **a.common,
-        HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, **_meta("fwd"),
+        HAS_SPARSE=a.has_sparse, HAS_KMASK=key_valid is not None, BLOCK_ALIGN=a.block_align, **_meta("fwd"),
     )
     if a.g > 0:  # global rows: every key (j <= i when causal)
         if _global_rows_own(a):
@@ -1270,7 +1537,8 @@ def _bwd_dq(a: _Args, t: _BwdTensors) -> None:
         **a.drop, **_strides("q", t.q), **_strides("k", t.k), **_strides("v", t.v), **_strides("kc", t.kc),
         **_strides("vc", t.vc), stride_svb=t.sv.stride(0), stride_svh=t.s_svh, stride_svn=t.sv.stride(2),
         **_strides("km", t.km, "bn"), **t.rows, **_strides("dq", t.dq), heads_per_kv=h // a.h_kv, **a.sparse,
-        **a.common, **t.scales, HAS_SPARSE=a.has_sparse, HAS_KMASK=t.key_valid is not None, **_meta("dq"),
+        **a.common, **t.scales, HAS_SPARSE=a.has_sparse, HAS_KMASK=t.key_valid is not None,
+        BLOCK_ALIGN=a.block_align, **_meta("dq"),
     )
 
 
@@ -1330,5 +1598,6 @@ def _bwd_dkdv_sparse(a: _Args, t: _BwdTensors):
         **_strides("q", t.q), **_strides("kc", t.kc), **_strides("vc", t.vc),
         stride_svb=t.sv.stride(0), stride_svh=t.s_svh, stride_svn=t.sv.stride(2), **t.rows,
         **_strides("dkc", dkc), **_strides("dvc", dvc), **a.sparse, **t.scales, **a.common, **_meta("dkdv"),
+        WIN_ALIGN=a.win_align,
     )
     return dkc, dvc

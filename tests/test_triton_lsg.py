@@ -177,6 +177,21 @@ def test_triton_sparse_dkdv_unmasked_rows(causal, sb, geometry):
                  num_global_tokens=1, causal=causal, sparse_geometry=geometry))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_triton_aligned_fast_paths(causal):
+    """Tiles that divide the LSG block and offset (interpreter: 16 rows / keys; b = 32, inline): the
+    forward / dq band starts on a tile (``BLOCK_ALIGN``), its first tile in blocks 0 and 1 taking the
+    global keys [16, 20) off the global-key walk (g = 20: more than a tile), and the compressed-key
+    dk/dv walk's masked row steps go without the window test (``WIN_ALIGN``: s = 16, regular windows);
+    GQA (the local dk/dv walk's carried head), padding, n not a multiple of a tile, float32 (exp2).  The
+    unaligned paths: the tests with b = 8 and b = 20 above."""
+    if KERNELS.INTERPRET:
+        assert KERNELS._pow2_divisor(32, 0) >= 16 and KERNELS._window_align(16, (-32, -16), (32, 48)) >= 16
+    _compare(Case(b=1, h=2, h_kv=1, n=118, padding=True, seed=32), torch.float32,
+             LSG(block_size=32, sparse_block_size=16, sparsity_factor=2, sparsity_type="pooling",
+                 num_global_tokens=20, causal=causal, sparse_geometry="regular"))
+
+
 # --------------------------------------------------------------------------------------
 # gradients, padding, memory, custom ops, compile, bad input
 # --------------------------------------------------------------------------------------
