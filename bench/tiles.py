@@ -128,6 +128,10 @@ def _lsg_rows_kernel(kw, bm, bn) -> Count:
         rows = (max(start, r_begin), min(start + bm, r_end))
         n_rows = rows[1] - rows[0]
         k_begin = max(t_start - bs, g)
+        g_end = g
+        if kw.get("BLOCK_ALIGN", 0) >= bn:  # the aligned band: its first tile takes the global keys [g_end, g)
+            g_end = g // bn * bn if t_start - bs < g else g
+            k_begin = max(t_start - bs, g_end)
         if causal:
             k_end, after = max(min(t_start + bs, n), k_begin), 0
         else:
@@ -150,10 +154,10 @@ def _lsg_rows_kernel(kw, bm, bn) -> Count:
                     c.tiles += 1
                     c.capacity += bm * bn
                     c.useful += n_rows * _overlap(j0, j0 + bn, c_begin, c_end)
-        for j0 in _steps(0, g, bn):
+        for j0 in _steps(0, g_end, bn):
             c.tiles += 1
             c.capacity += bm * bn
-            c.useful += n_rows * _overlap(j0, j0 + bn, 0, g)
+            c.useful += n_rows * _overlap(j0, j0 + bn, 0, g_end)
     return c
 
 
