@@ -662,6 +662,33 @@ def attn_bwd_dkdv_range(
 # with them instead: with dropout (every pass: the dk/dv pass spilled 24 B with the band tiles), the
 # forward with a key mask or at D > 128, and when the caller asks (``RANGE_LOOPS``: the segment
 # forward with per-token bounds, the segment dq at D = 256).
+#
+# One-sided edges (``ONE_SIDED``, a launch constexpr; issue 11).  A masked tile costs, per score, a
+# subtract, an unsigned compare and a select for the two-sided interval test.  In a band wider than a
+# tile pair, the left edge ``[lo, full_lo)`` can only cut through the rows' *first* columns
+# (``max(i - before, k_begin)``) and the right edge ``[full_hi, hi)`` only through their *last* ones
+# (``min(i + after, k_end - 1)``): each then tests one bound, a compare and a select per score against
+# a per-row bound minus ``j0`` (:func:`_row_bound`, :func:`_in_side`).
+#
+# * The right edge needs no condition: it starts at or after ``full_lo``, past the first column of
+#   every row of the block (:func:`block_range`, the segment ranges).  Its loads advance one tile per
+#   step and are predicated at ``k_end`` (a predicate per loaded row, not per score).
+# * The left edge lies at or before the first row's last column when
+#   ``ceil((s + BLOCK_SELF - 1 - before) / BLOCK_OTHER) * BLOCK_OTHER <= s + after + 1`` for every block
+#   start ``s`` (decided on the host, for every tile shape the autotuner may pick:
+#   ``kernels/_launch.py``, ``_left_edge_one_sided``), and lies inside ``[0, k_end)``, so its loads are
+#   neither clamped nor predicated and advance one tile per step (an index ``j0`` in the addresses would
+#   widen the loop counter, and with it the row test, to 64 bits).  Near the end of a short sequence the
+#   left edge can reach the tile holding ``k_end``: the forward and dq move that tile (and any after it)
+#   to the right edge (:func:`_one_sided_split`; its rows' first columns are then at or before the
+#   tile's start when ``before >= BLOCK_N - 2`` and the key chunks start on tile boundaries); dk/dv
+#   keeps it on the left edge and drops the query rows past ``r_end`` through their lse (``+inf``,
+#   ``p = 0``), a test per row.
+# * Fixed segments that are a multiple of the crossed tile and at least as long as the owned one are
+#   one-sided too: a block spans at most two segments and their boundary is a tile boundary.
+#
+# Narrow bands, per-token segment bounds and unaligned chunks keep the two-sided test.  The walk is
+# checked tile by tile in ``tests/test_triton_one_sided.py``.
 
 
 @triton.jit
@@ -855,7 +882,7 @@ def attn_fwd_band(
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
-            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, ONE_SIDED * 1)
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 1 if ONE_SIDED else 0)
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo, full_hi,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KEY_MASK,
@@ -863,7 +890,7 @@ def attn_fwd_band(
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi, hi, k_begin,
             k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK, EXACT_SCALE,
-            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, ONE_SIDED * 2)
+            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 2 if ONE_SIDED else 0)
     return acc, m_i, l_i
 
 
@@ -997,7 +1024,7 @@ def attn_bwd_dq_band(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
             full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
             HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
-            ONE_SIDED * 1)
+            1 if ONE_SIDED else 0)
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo,
             full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False,
@@ -1005,7 +1032,8 @@ def attn_bwd_dq_band(
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi,
             hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
-            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, ONE_SIDED * 2)
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
+            2 if ONE_SIDED else 0)
     return b_dq
 
 
@@ -1109,7 +1137,8 @@ def attn_bwd_dkdv_band(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS, ONE_SIDED * 1)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            1 if ONE_SIDED else 0)
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,
@@ -1119,7 +1148,8 @@ def attn_bwd_dkdv_band(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_hi, hi, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS, ONE_SIDED * 2)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            2 if ONE_SIDED else 0)
     return b_dk, b_dv
 
 

@@ -598,7 +598,8 @@ def _bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
     _sw_bwd_dkdv_kernel[grid](
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv,
         **_strides("dk", dk), **_strides("dv", dv),
-        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"), **_one_sided("dkdv", kw["left"], kw["right"]),
+        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"),
+        **_one_sided("dkdv", kw["left"], kw["right"]),
     )
     return dk, dv
 
