@@ -556,7 +556,7 @@ def attn_bwd_dkdv_heads(
     qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
-    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, BAND: tl.constexpr = True,
 ):
     """``dv += Pᵀ dO`` and ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]``
     (key indices ``o_j [BN]``) over the query indices ``[i_lo, i_hi)``, ``BLOCK_M`` at a
@@ -572,9 +572,11 @@ def attn_bwd_dkdv_heads(
     ``b·H + h = drop_bh0 + h`` (row keys are rebuilt per head from ``drop_seed``);
     ``dv += (P ∘ keep / (1 - p))ᵀ dO`` and ``dP' = keep ∘ dP / (1 - p)``.  A query's token
     position is its position ``pos_offset + i * pos_step``, or with ``DROP_ROWS`` the int64
-    ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows)."""
+    ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows).  ``BAND`` False: the band holds every
+    row (``before``, ``after`` unused); a masked tile then tests no score: its rows outside
+    ``[r_begin, r_end)`` load ``lse = +inf`` (``p = 0``), ``q = dO = delta = 0``, and drop out."""
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
-    if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
+    if MASKED and BAND:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
         c_lo, c_span = _row_interval(o_j, after, before, r_begin, r_end)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
@@ -593,7 +595,7 @@ def attn_bwd_dkdv_heads(
             b_do = tl.load(p_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, MASKED, USE_EXP2)
-        if MASKED:
+        if MASKED and BAND:
             b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_i, c_lo, c_span, qk_scale, qk_scale_lo,
                                   EXACT_SCALE)  # [BN, BM]
         else:
@@ -861,7 +863,7 @@ def attn_fwd_band(
     with the :func:`attn_fwd_range` loops (as with dropout or a key mask), for a caller that compiles
     better with them.  ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided
     edges" above :func:`_i64`); ignored on the ``*_range`` loops."""
-    if DROPOUT or HAS_KEY_MASK or RANGE_LOOPS or b_q.shape[1] > 128:
+    if DROPOUT or (HAS_KEY_MASK and not ONE_SIDED) or RANGE_LOOPS or b_q.shape[1] > 128:
         # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the dropout and
         # key-padding variants at D = 64, and D = 256 on its mma.sync tiles)
         acc, m_i, l_i = attn_fwd_range(

@@ -86,7 +86,8 @@ def _left_edge_one_sided(before: int, after: int, block_self: int, block_other: 
 
 
 def _one_sided_for(namespace: dict) -> Callable[..., dict]:
-    """A sliding-window family module's ``_one_sided(kind, left, right, chunk=0)``: ``{"ONE_SIDED": bool}`` for
+    """A sliding-window family module's ``_one_sided(kind, left, right, chunk=0, dense=False, head_dim=64)``:
+    ``{"ONE_SIDED": bool}`` for
     a launch of kernel ``kind`` with the (clamped) window ``(left, right)`` and key chunks starting at multiples
     of ``chunk`` (0: one chunk, starting at 0).  True when it holds for *every* tile shape the launch may run
     (the module's ``INTERPRET_BLOCKS[kind]`` under the interpreter, else every candidate of the autotuner, so
@@ -100,8 +101,13 @@ def _one_sided_for(namespace: dict) -> Callable[..., dict]:
     * dk/dv (rows: key tiles ``BLOCK_N``; the walk crosses query tiles ``BLOCK_M``; ``before = right``): the
       left edge is one-sided (the query rows past the sequence drop out through their lse there).
 
-    A dense pass (``left = right = Nq + Nk``) qualifies when its chunks are tile-aligned."""
-    def one_sided(kind: str, left: int, right: int, chunk: int = 0) -> dict:
+    A dense pass (``left = right = Nq + Nk``) would qualify when its chunks are tile-aligned, but its only
+    masked tiles are the chunk edges: ``dense`` (and ``head_dim > 128``) keep the two-sided test, which
+    compiled better there on sm_90 (``bench.sm90 --full``: the dense forward took 138 registers instead of
+    128, 8 warps/SM instead of 16; the D = 256 dq's unmasked tile 336 instructions instead of 305)."""
+    def one_sided(kind: str, left: int, right: int, chunk: int = 0, dense: bool = False, head_dim: int = 64) -> dict:
+        if dense or head_dim > 128:  # see the docstring: no gain there, and it cost registers / instructions
+            return {"ONE_SIDED": False}
         shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
             [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES)]
         if kind == "dkdv":

@@ -379,7 +379,8 @@ def _sw_bwd_dkdv_global_kernel(
         r_full, r_end, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
         BLOCK_M, True, EXACT_SCALE, USE_EXP2,
         b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS,
+        BAND=False)  # the rows past r_end drop out through their lse: no test per score
 
     b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
     b_dv = tl.where(m_key[:, None], b_dv, 0.0)
@@ -503,7 +504,7 @@ def sliding_window_fwd(
         n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
         **band, **_key_mask_args(key_mask, q), **_scale_args(scale, q),
         HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_GLOBAL=n_glob > 0, **drop, **_meta("fwd"),
-        **_one_sided("fwd", band["left"], band["right"], chunk if n_split > 1 else 0),
+        **_one_sided("fwd", band["left"], band["right"], chunk if n_split > 1 else 0, window is None, d),
     )
     if n_split > 1:  # each chunk's output is already dropped with its own columns
         merge_partials(o_dst, l_dst, out, lse)
@@ -575,7 +576,8 @@ def _bwd_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tenso
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq_dst, GIDX=gidx,
         **_strides("dq", dq_dst, "sbhnd"), **_strides("g", gidx, "bn"),
         n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
-        HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"), **_one_sided("dq", kw["left"], kw["right"], chunk if n_split > 1 else 0),
+        HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"),
+        **_one_sided("dq", kw["left"], kw["right"], chunk if n_split > 1 else 0, window is None, d),
     )
     if n_split > 1:
         sum_partial_rows(dq_dst, dq)
@@ -599,7 +601,7 @@ def _bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv,
         **_strides("dk", dk), **_strides("dv", dv),
         n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"),
-        **_one_sided("dkdv", kw["left"], kw["right"]),
+        **_one_sided("dkdv", kw["left"], kw["right"], 0, kw["SPAN"] == 0, q.shape[3]),
     )
     return dk, dv
 
