@@ -132,8 +132,8 @@ SHAPES = [(16, 16), (32, 16), (16, 32), (64, 16), (16, 64), (32, 32)]
 def test_sliding_window_walk_is_exact_where_one_sided(monkeypatch, kind):
     monkeypatch.setattr(LAUNCH, "INTERPRET", True)
     decided = set()
-    for (bm, bn), n in itertools.product(SHAPES, (1, 15, 16, 17, 47, 64, 70)):
-        for left, right in itertools.product((0, 1, 13, 14, 15, 16, 17, 30, 31, 33, 47, 64, 100), repeat=2):
+    for (bm, bn), n in itertools.product(SHAPES, (1, 17, 70)):
+        for left, right in itertools.product((0, 1, 13, 14, 15, 16, 17, 31, 33, 64, 100), repeat=2):
             left, right = min(left, n), min(right, n)  # the launcher clamps the window to Nk
             one = _decide(kind, left, right, bm, bn)
             decided.add(one)
