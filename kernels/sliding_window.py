@@ -601,7 +601,7 @@ def _bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv,
         **_strides("dk", dk), **_strides("dv", dv),
         n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"),
-        **_one_sided("dkdv", kw["left"], kw["right"], 0, kw["SPAN"] == 0, q.shape[3]),
+        **_one_sided("dkdv", kw["left"], kw["right"], 0, False, q.shape[3]),  # dense too: the base variant
     )
     return dk, dv
 
