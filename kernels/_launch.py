@@ -87,9 +87,9 @@ def _left_edge_one_sided(before: int, after: int, block_self: int, block_other: 
 
 def _one_sided_for(namespace: dict) -> Callable[..., dict]:
     """A sliding-window family module's ``_one_sided(kind, left, right, chunk=0, dense=False, head_dim=64)``:
-    ``{"ONE_SIDED": bool}`` for
-    a launch of kernel ``kind`` with the (clamped) window ``(left, right)`` and key chunks starting at multiples
-    of ``chunk`` (0: one chunk, starting at 0).  True when it holds for *every* tile shape the launch may run
+    ``{"ONE_SIDED": bool}`` for a launch of kernel ``kind`` with the (clamped) window ``(left, right)`` and key
+    chunks starting at multiples of ``chunk`` (0: one chunk, starting at 0).  True when it holds for *every*
+    tile shape the launch may run
     (the module's ``INTERPRET_BLOCKS[kind]`` under the interpreter, else every candidate of the autotuner, so
     that the config the autotuner picks cannot matter):
 
