@@ -377,6 +377,31 @@ def ptx_kinds(ptx: str) -> dict:
     return dict(mma=mma, ptx_wgmma=n_wgmma, ptx_mma_sync=n_mma, loads={k: v for k, v in sorted(loads.items()) if v})
 
 
+_PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
+_PTX_INT_DIV = re.compile(r"\b(?:div|rem)\.[su](?:16|32|64)\b")
+
+
+def ptx_int_divides(ptx: str) -> dict:
+    """Integer divides/remainders (``div``/``rem`` on ``.s``/``.u`` types; float divides excluded) in
+    the PTX: in all, and inside a loop -- between a label and a later branch back to it.  A divide by
+    a constant is already a multiply/shift by then, so what is left here is a runtime divide, which
+    ptxas expands to a ~20-instruction sequence."""
+    lines = ptx.splitlines()
+    labels, loops = {}, []
+    for i, line in enumerate(lines):
+        m = _PTX_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+            continue
+        b = _PTX_BRANCH.search(line)
+        if b and labels.get(b.group(1), i + 1) <= i:
+            loops.append((labels[b.group(1)], i))
+    divs = [i for i, line in enumerate(lines) if _PTX_INT_DIV.search(line)]
+    in_loops = sum(1 for i in divs if any(lo <= i <= hi for lo, hi in loops))
+    return dict(int_div=len(divs), int_div_in_loops=in_loops)
+
+
 _MIX = {
     "mma": {"HGMMA", "HMMA", "WARPGROUP", "IMMA", "DMMA"},
     "mufu": {"MUFU"},
@@ -534,6 +559,7 @@ def analyse(launch: Launch, config: Optional[triton.Config], dtype: torch.dtype,
     if rec["regs"] is not None:
         rec.update(occupancy(rec["regs"], rec["smem_bytes"], warps))
     rec.update(ptx_kinds(kernel.asm["ptx"]))
+    rec.update(ptx_int_divides(kernel.asm["ptx"]))
     instrs = sass_instructions(kernel.asm["cubin"])
     rec["sass_instr"] = sum(1 for _, op, _ in instrs if not op.startswith("NOP"))
     rec["sass_mma"] = sum(1 for _, op, _ in instrs if op.startswith(("HGMMA", "HMMA")))
@@ -765,6 +791,9 @@ def targets(records: List[dict], tiles: Optional[dict] = None) -> List[str]:
     d128 = sorted({f"{r['kernel']} {r['config']}" for r in ok if r["head_dim"] == 128 and r.get("block_m") == 128
                    and r["mma"] == "wgmma" and not r.get("spill_bytes") and r["kernel"].endswith(("_fwd", "_dq"))})
 
+    scanned = [r for r in records if "int_div_in_loops" in r and r["family"] != "reference" and r.get("kept", True)]
+    div_bad = [r for r in scanned if r["int_div_in_loops"]]
+
     def names(rs):
         return ", ".join(sorted({f"{r['kernel']} {r['config']} D={r['head_dim']}" for r in rs})[:12])
     per_family = []
@@ -783,6 +812,8 @@ def targets(records: List[dict], tiles: Optional[dict] = None) -> List[str]:
         f"- forward unmasked tile <= 1.1x the reference row at the same tile/warps/D: {len(fwd) - len(fwd_bad)} of "
         f"{len(fwd)}" + (f" (over: {names(fwd_bad)})" if fwd_bad else ""),
         f"- D=128 forward/dq on 128-row wgmma tiles without spills: {', '.join(d128) or 'none'}",
+        f"- no integer divide inside a loop: {len(scanned) - len(div_bad)} of {len(scanned)} variants"
+        + (f" (divides in loops: {names(div_bad)})" if div_bad else ""),
         *_tiles_line(tiles),
     ]
 

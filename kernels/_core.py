@@ -316,6 +316,17 @@ def dropout_keep(b_rk, o_col, thresh):
     return mix32(b_rk[:, None] ^ o_col.to(tl.uint32)[None, :]) >= thresh
 
 
+@triton.jit
+def _list_columns(o_pos, o_g, m_g, col_offset, p_col, stride_col, LIST_COLS: tl.constexpr):
+    """Dropout columns of listed keys at positions ``o_pos [BN]`` (slots ``o_g``, ``m_g`` = occupied):
+    ``col_offset + o_pos``, or with ``LIST_COLS`` the int64 ``p_col[o_g · stride_col]``."""
+    if LIST_COLS:
+        o_col = tl.load(p_col + o_g * stride_col, mask=m_g, other=0)
+    else:
+        o_col = col_offset + o_pos
+    return o_col
+
+
 # --------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------
@@ -405,10 +416,13 @@ def attn_fwd_list(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False,
+    p_col=0, stride_col=0, LIST_COLS: tl.constexpr = False,
 ):
     """Attend ``b_q [BM, D]`` to the keys at the positions listed in ``p_idx[:n_idx]``
     (int64, negative = empty slot); every row sees every listed key.  ``DROPOUT``: as
-    :func:`attn_fwd_range` (key column ``col_offset + listed position``)."""
+    :func:`attn_fwd_range` (key column ``col_offset + listed position``; with ``LIST_COLS`` the
+    int64 ``p_col[slot · stride_col]`` instead: listed keys whose columns are not their positions,
+    e.g. the global keys gathered on a context-parallel rank)."""
     for g0 in range(0, n_idx, BLOCK_N):
         o_g = g0 + tl.arange(0, BLOCK_N)  # [BN]
         b_idx = tl.load(p_idx + o_g * stride_idx, mask=o_g < n_idx, other=-1)
@@ -422,7 +436,8 @@ def attn_fwd_list(
         b_s = tl.where(m_g[None, :], b_s, float("-inf"))
         b_keep = None
         if DROPOUT:
-            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+            b_keep = dropout_keep(b_rk, _list_columns(o_pos, o_g, m_g, col_offset, p_col, stride_col, LIST_COLS),
+                                  drop_thresh)
         if EXACT_SCALE:
             acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
         else:
@@ -525,9 +540,10 @@ def attn_bwd_dq_list(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
+    p_col=0, stride_col=0, LIST_COLS: tl.constexpr = False,
 ):
-    """``dq += dS k`` over the listed keys (see :func:`attn_fwd_list`; dropout as
-    :func:`attn_bwd_dq_range`)."""
+    """``dq += dS k`` over the listed keys (see :func:`attn_fwd_list`, also for ``LIST_COLS``;
+    dropout as :func:`attn_bwd_dq_range`)."""
     for g0 in range(0, n_idx, BLOCK_N):
         o_g = g0 + tl.arange(0, BLOCK_N)
         b_idx = tl.load(p_idx + o_g * stride_idx, mask=o_g < n_idx, other=-1)
@@ -540,7 +556,8 @@ def attn_bwd_dq_list(
         b_p = _exp(b_s - b_lse[:, None], USE_EXP2)
         b_dp = _mm(b_do, tl.trans(b_v), None)
         if DROPOUT:
-            b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
+            b_keep = dropout_keep(b_rk, _list_columns(o_pos, o_g, m_g, col_offset, p_col, stride_col, LIST_COLS),
+                                  drop_thresh)
             b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
@@ -556,7 +573,8 @@ def attn_bwd_dkdv_heads(
     qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
-    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, BAND: tl.constexpr = True,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, drop_row_off=0,
+    BAND: tl.constexpr = True,
 ):
     """``dv += Pᵀ dO`` and ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]``
     (key indices ``o_j [BN]``) over the query indices ``[i_lo, i_hi)``, ``BLOCK_M`` at a
@@ -572,8 +590,9 @@ def attn_bwd_dkdv_heads(
     ``b·H + h = drop_bh0 + h`` (row keys are rebuilt per head from ``drop_seed``);
     ``dv += (P ∘ keep / (1 - p))ᵀ dO`` and ``dP' = keep ∘ dP / (1 - p)``.  A query's token
     position is its position ``pos_offset + i * pos_step``, or with ``DROP_ROWS`` the int64
-    ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows).  ``BAND`` False: the band holds every
-    row (``before``, ``after`` unused); a masked tile then tests no score: its rows outside
+    ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows), plus ``drop_row_off`` (a call
+    on part of a sequence, e.g. a context-parallel rank's).  ``BAND`` False: the band holds every row
+    (``before``, ``after`` unused); a masked tile then tests no score: its rows outside
     ``[r_begin, r_end)`` load ``lse = +inf`` (``p = 0``), ``q = dO = delta = 0``, and drop out."""
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
     if MASKED and BAND:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
@@ -607,7 +626,7 @@ def attn_bwd_dkdv_heads(
                 o_tok = tl.load(p_drow + o_i, mask=(o_i >= r_begin) & (o_i < r_end), other=0)
             else:
                 o_tok = o_pos
-            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_tok)  # [BM]
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_tok + drop_row_off)  # [BM]
             b_keep_t = mix32(b_kcol.to(tl.uint32)[:, None] ^ b_rk[None, :]) >= drop_thresh  # [BN, BM]
             b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
             b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
@@ -627,7 +646,7 @@ def attn_bwd_dkdv_range(
     qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
-    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, drop_row_off=0,
 ):
     """:func:`attn_bwd_dkdv_heads` for one query head (``p_q, p_do, p_lse, p_delta``
     already point at it; ``drop_bh = b·H + h`` of that head).  Prefer the multi-head form
@@ -637,7 +656,8 @@ def attn_bwd_dkdv_range(
         stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod,
         i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
         BLOCK_M, MASKED, EXACT_SCALE, USE_EXP2,
-        b_kcol, drop_seed, drop_bh, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+        b_kcol, drop_seed, drop_bh, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+        drop_row_off)
 
 
 # --------------------------------------------------------------------------------------
@@ -1109,7 +1129,8 @@ def attn_bwd_dkdv_band(
     qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
-    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, ONE_SIDED: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, drop_row_off=0,
+    ONE_SIDED: tl.constexpr = False,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]`` (indices ``o_j``)
     over the whole band walk of query tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)``
@@ -1123,17 +1144,20 @@ def attn_bwd_dkdv_band(
             b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
             pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            drop_row_off)
         b_dk, b_dv = attn_bwd_dkdv_heads(
             b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,
             pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            drop_row_off)
         b_dk, b_dv = attn_bwd_dkdv_heads(
             b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_hi, hi, r_begin, r_end,
             pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            drop_row_off)
     else:
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,

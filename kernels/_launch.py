@@ -7,7 +7,8 @@ that no family imports plumbing from another one (``tests/test_kernel_structure.
 * block sizes under the interpreter: :data:`INTERPRET_BLOCKS`, :func:`_meta_for` / :func:`_meta`;
 * the band walk's one-sided edges (``ONE_SIDED``): :func:`_one_sided_for`, :func:`_segment_one_sided_for`;
 * kernel arguments: :func:`_strides`, :func:`_mask_u8` / :func:`_mask_arg`, :func:`_global_keys_arg`,
-  :func:`_scale_args`, :func:`_bwd_common`, :func:`_dropout_args` / :func:`_token_dropout_args`;
+  :func:`_scale_args`, :func:`_bwd_common`, :func:`_dropout_args` / :func:`_token_dropout_args`,
+  :func:`_drop_offset_args` / :func:`_drop_cols_arg` (positions of a call on part of a sequence);
 * input checks every family makes: :func:`_check_qkv`;
 * tuning: the candidate configs of each family (:func:`_fwd_configs`, :func:`_dkdv_configs`, the
   ``_LSG_*`` shapes), the register / shared-memory model :func:`_tile_cost` and its budgets, the
@@ -230,6 +231,38 @@ def _dropout_args(dropout_p: float, dropout_state: Optional[torch.Tensor], drop_
             raise ValueError(f"drop_rows (gathered query rows) needs dilation 1, got dilation={dilation}")
     rows = q.new_zeros((1, 1), dtype=torch.int64) if drop_rows is None else drop_rows.contiguous()
     return dict(drop, DROW=rows, stride_drb=rows.stride(0), DROP_ROWS=drop_rows is not None)
+
+
+def _drop_offset_args(dropout_p: float, row_offset: int = 0, col_offset: int = 0) -> dict:
+    """Where a call's rows and keys sit in the sequence, for the dropout rule (a call on part of a
+    sequence, e.g. a context-parallel rank's halo-extended range): the token position of query row
+    ``m`` is ``row_offset + m`` (``row_offset + drop_rows[m]`` with :func:`_dropout_args`'s table),
+    the column of key ``j`` is ``col_offset + j``.  Runtime scalars ``drop_row_off``, ``drop_col_off``
+    (0 without dropout: nothing to compile or pass)."""
+    for name, off in (("drop_row_offset", row_offset), ("drop_col_offset", col_offset)):
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < 2 ** 31:
+            raise ValueError(f"{name} must be an int in [0, 2**31), got {off!r}")
+    if dropout_p == 0.0:
+        row_offset = col_offset = 0
+    return dict(drop_row_off=row_offset, drop_col_off=col_offset)
+
+
+def _drop_cols_arg(dropout_p: float, drop_cols: Optional[torch.Tensor], global_keys: Optional[torch.Tensor],
+                   like: torch.Tensor) -> dict:
+    """The dropout columns of the listed (global) keys when they are not their positions:
+    ``DCOL = drop_cols [B, G]`` (int64, one per slot of ``global_keys``; e.g. a context-parallel rank's
+    gathered global keys, appended after its own keys), its strides and ``DROP_COLS``; without it a
+    listed key's column is ``col_offset + its position`` (:func:`_drop_offset_args`)."""
+    none = dict(DCOL=like.new_zeros((1, 1), dtype=torch.int64), stride_dcb=0, stride_dcn=0, DROP_COLS=False)
+    if drop_cols is None:
+        return none
+    shape = None if global_keys is None else tuple(global_keys.shape)
+    if shape is None or drop_cols.shape != shape or drop_cols.dtype != torch.int64 or drop_cols.device != like.device:
+        raise ValueError(f"drop_cols must be an int64 tensor on {like.device} shaped like global_keys {shape}, got "
+                         f"{tuple(drop_cols.shape)} {drop_cols.dtype} on {drop_cols.device}")
+    if dropout_p == 0.0 or shape[1] == 0:
+        return none
+    return dict(DCOL=drop_cols, stride_dcb=drop_cols.stride(0), stride_dcn=drop_cols.stride(1), DROP_COLS=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ Launchers (no autograd here):
 * :func:`segment_bwd` ``-> (dq, dk, dv)``
 
 Attention dropout (``dropout_p > 0``, :mod:`lhattn._dropout`'s rule, ``DROPOUT`` constexpr):
-rows and key columns are token positions; every kernel regenerates the keep bits of the
-scores it visits from the dropout state, as in :mod:`kernels.sliding_window`.
+rows and key columns are token positions (shifted by ``drop_row_offset`` / ``drop_col_offset``,
+listed keys' columns given as ``drop_cols``, for a call on part of a sequence); every kernel
+regenerates the keep bits of the scores it visits from the dropout state, as in
+:mod:`kernels.sliding_window`.
 
 Memory: ``out``, ``lse`` and, in the backward, ``delta [B, H, N]``; global-key gradients
 add ``[S, B, H_kv, G, D]`` partials (``G`` global tokens).  Nothing of size ``N × S``.
@@ -43,8 +45,9 @@ import triton.language as tl
 from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bwd_dq_band, attn_bwd_dq_list,
                     attn_bwd_load_rows, attn_fwd_band, attn_fwd_finalize, attn_fwd_list, bwd_preprocess,
                     dropout_head_key, dropout_load, dropout_row_keys, next_power_of_2, _scale)
-from ._launch import (INTERPRET_BLOCKS, _bwd_common, _check_qkv, _dkdv_configs, _fwd_configs, _global_keys_arg,
-                      _mask_arg, _meta_for, _scale_args, _segment_one_sided_for, _strides, _token_dropout_args, _tuned)
+from ._launch import (INTERPRET_BLOCKS, _bwd_common, _check_qkv, _dkdv_configs, _drop_cols_arg, _drop_offset_args,
+                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _scale_args, _segment_one_sided_for,
+                      _strides, _token_dropout_args, _tuned)
 # The gradient of the keys every row sees is a whole pass of the sliding-window family (public).
 from .sliding_window import add_global_key_grads
 
@@ -98,19 +101,20 @@ def _segment_block_range(start_first, end_first, start_last, end_last, BLOCK_OTH
 @_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd")
 @triton.jit
 def _seg_fwd_kernel(
-    Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END, DROP,
+    Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END, DROP, DCOL,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn,
+    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn, stride_dcb, stride_dcn,
     stride_ssb, stride_ssn, stride_seb, stride_sen,
     n, n_glob, heads_per_kv, seg_size,
-    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo, SEG,
+    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, ONE_SIDED: tl.constexpr,
+    EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_COLS: tl.constexpr,
+    ONE_SIDED: tl.constexpr,
 ):
     # program -> query block i_m; head; batch row
     i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -132,9 +136,9 @@ def _seg_fwd_kernel(
     b_q = tl.load(p_q + o_m[:, None].to(tl.int64) * stride_qn + o_d[None, :] * stride_qd, mask=m_m[:, None],
                   other=0.0)  # [BM, D]
     drop_thresh, b_rk = 0, 0
-    if DROPOUT:  # rows and key columns are token positions
+    if DROPOUT:  # rows and key columns are token positions (+ drop_row_off / drop_col_off)
         drop_seed, drop_thresh = dropout_load(DROP)
-        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_m + drop_row_off)
 
     # row i sees key j iff start_i <= j < end_i, i.e. i - before <= j <= i + after
     b_start, b_end = _segments(o_m, m_m, n, p_ss, p_se, stride_ssn, stride_sen, seg_size, FIXED)  # [BM]
@@ -151,7 +155,8 @@ def _seg_fwd_kernel(
     acc, m_i, l_i = attn_fwd_band(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
-        BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT,
+        BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
+        DROPOUT=DROPOUT,
         # per-token bounds: 128 registers (16 warps/SM at 8 warps) instead of 160; a key mask: 125 instead of
         # 163 on the one-sided band tiles (sm_90, D = 64)
         RANGE_LOOPS=not FIXED or HAS_KMASK, ONE_SIDED=ONE_SIDED)
@@ -159,7 +164,8 @@ def _seg_fwd_kernel(
         acc, m_i, l_i = attn_fwd_list(
             acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
             stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
+            DROPOUT=DROPOUT, p_col=DCOL + i_b.to(tl.int64) * stride_dcb, stride_col=stride_dcn, LIST_COLS=DROP_COLS)
 
     m_row = m_m
     if HAS_QMASK:
@@ -176,7 +182,7 @@ def _seg_fwd_kernel(
 @_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="dq")
 @triton.jit
 def _seg_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, SEG_START, SEG_END, DROP,
+    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, SEG_START, SEG_END, DROP, DCOL,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -184,13 +190,13 @@ def _seg_bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_deb, stride_deh, stride_den,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_kmb, stride_kmn, stride_gb, stride_gn,
+    stride_kmb, stride_kmn, stride_gb, stride_gn, stride_dcb, stride_dcn,
     stride_ssb, stride_ssn, stride_seb, stride_sen,
     n, n_glob, heads_per_kv, seg_size,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SEG,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    DROPOUT: tl.constexpr, ONE_SIDED: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // heads_per_kv
@@ -218,7 +224,7 @@ def _seg_bwd_dq_kernel(
     drop_thresh, b_rk = 0, 0
     if DROPOUT:
         drop_seed, drop_thresh = dropout_load(DROP)
-        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_pm)
+        b_rk = dropout_row_keys(dropout_head_key(drop_seed, i_b * tl.num_programs(1) + i_h), o_pm + drop_row_off)
 
     b_start, b_end = _segments(o_m, m_m, n, p_ss, p_se, stride_ssn, stride_sen, seg_size, FIXED)
     before = (o_m - b_start)[:, None]  # [BM, 1]
@@ -231,16 +237,17 @@ def _seg_bwd_dq_kernel(
     b_dq = attn_bwd_dq_band(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
+        qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off,
+        drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
         RANGE_LOOPS=HEAD_DIM > 128,  # D = 256 (mma.sync tiles): unmasked tile 309 SASS vs 366 with the band tiles
         ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
             p_k, p_v, stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale,
-            drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
+            drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
+            p_col=DCOL + i_b.to(tl.int64) * stride_dcb, stride_col=stride_dcn, LIST_COLS=DROP_COLS)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
     p_dq = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -263,7 +270,7 @@ def _seg_bwd_dkdv_kernel(
     stride_kmb, stride_kmn,
     stride_ssb, stride_ssn, stride_seb, stride_sen,
     n, heads_per_kv, seg_size,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SEG,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
     ONE_SIDED: tl.constexpr,
@@ -305,9 +312,9 @@ def _seg_bwd_dkdv_kernel(
         LSE + i_b.to(tl.int64) * stride_lb, DELTA + i_b.to(tl.int64) * stride_deb, i_hk * heads_per_kv,
         heads_per_kv, stride_qh, stride_doh, stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den,
         o_d * stride_qd, o_d * stride_dod, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
-        qk_scale, qk_scale_lo, BLOCK_M, EXACT_SCALE, USE_EXP2, b_kcol=o_pk, drop_seed=drop_seed,
+        qk_scale, qk_scale_lo, BLOCK_M, EXACT_SCALE, USE_EXP2, b_kcol=o_pk + drop_col_off, drop_seed=drop_seed,
         drop_bh0=i_b * heads_per_kv * tl.num_programs(1), drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, ONE_SIDED=ONE_SIDED)
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED)
 
     # keys the segment pass does not see (padding, global) get nothing from it
     m_key = m_n
@@ -384,6 +391,9 @@ def segment_fwd(
     global_keys: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_state: Optional[torch.Tensor] = None,
+    drop_row_offset: int = 0,
+    drop_col_offset: int = 0,
+    drop_cols: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Segment-local attention forward.
 
@@ -401,6 +411,8 @@ def segment_fwd(
         scale: softmax scale (default ``D ** -0.5``).
         dropout_p: attention dropout on the probabilities, in ``[0, 1)`` (:mod:`lhattn._dropout`).
         dropout_state: int64 ``[2] = (seed, T)`` on q's device; needed when ``dropout_p > 0``.
+        drop_row_offset, drop_col_offset, drop_cols: the dropout positions of a call on part of a
+            sequence, as in :func:`kernels.sliding_window.sliding_window_fwd`.
 
     Returns:
         ``out [B, H, N, D]`` (q's dtype, contiguous) and ``lse [B, H, N]`` (float32;
@@ -408,6 +420,8 @@ def segment_fwd(
     """
     _check(q, k, v, segment_size, segment_bounds)
     drop = _token_dropout_args(dropout_p, dropout_state, q)
+    drop.update(**_drop_offset_args(dropout_p, drop_row_offset, drop_col_offset),
+                **_drop_cols_arg(dropout_p, drop_cols, global_keys, q))
     b, h, n, d = q.shape
     h_kv = k.shape[1]
     qm, s_qmb, s_qmn = _mask_arg(query_mask, q)
@@ -447,6 +461,9 @@ def segment_bwd(
     global_keys: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_state: Optional[torch.Tensor] = None,
+    drop_row_offset: int = 0,
+    drop_col_offset: int = 0,
+    drop_cols: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`segment_fwd` (same arguments; ``query_mask`` is not needed:
     masked rows carry ``lse = -inf`` and get zero gradients).  ``out`` is the (dropped)
@@ -462,6 +479,8 @@ def segment_bwd(
     gidx, n_glob = _global_keys_arg(global_keys, q)
     seg = _segment_args(segment_size, segment_bounds, q)
     drop = _token_dropout_args(dropout_p, dropout_state, q)
+    drop.update(_drop_offset_args(dropout_p, drop_row_offset, drop_col_offset))
+    cols = _drop_cols_arg(dropout_p, drop_cols, global_keys, q)  # the dq pass over the listed keys only
 
     delta = bwd_preprocess(out, dout)  # [B, H, N]; rowsum(dO ∘ O) of the dropped O
     common = _bwd_common(q, k, v, dout, lse, delta, scale)  # strides, scales, HEAD_DIM
@@ -476,7 +495,7 @@ def segment_bwd(
 
     _seg_bwd_dq_kernel[grid_dq](
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq, GIDX=gidx, **_strides("dq", dq),
-        **_strides("g", gidx, "bn"), n=n, n_glob=n_glob, HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"),
+        **_strides("g", gidx, "bn"), n=n, n_glob=n_glob, HAS_GLOBAL=n_glob > 0, **kw, **cols, **_meta("dq"),
         **_one_sided("dq", _fixed(q, segment_size)),
     )
 
@@ -494,5 +513,6 @@ def segment_bwd(
 
     if n_glob > 0:  # the global keys are seen by every (local) row
         add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common, dropout_p=dropout_p,
-                             dropout_state=dropout_state)
+                             dropout_state=dropout_state, drop_row_offset=drop_row_offset,
+                             drop_col_offset=drop_col_offset, drop_cols=drop_cols)
     return dq, dk, dv

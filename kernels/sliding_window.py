@@ -18,8 +18,10 @@ Attention dropout (``dropout_p > 0``, the rule of :mod:`lhattn._dropout`, ``DROP
 constexpr): every kernel regenerates the keep bits of the scores it visits from the
 dropout state; a query row's token position is its position in ``q`` (the residue's
 ``r + t·d``), or ``drop_rows[b, m]`` for gathered rows (the global rows of the dense
-pass); a key's column is always its token position.  A dense pass split over key chunks
-drops each chunk's partial output with that chunk's columns; the log-sum-exp merge stays
+pass); a key's column is its token position.  A call on part of a sequence (a
+context-parallel rank) shifts both by ``drop_row_offset`` / ``drop_col_offset`` (runtime
+scalars) and may give the listed keys' columns as ``drop_cols``.  A dense pass split over key
+chunks drops each chunk's partial output with that chunk's columns; the log-sum-exp merge stays
 exact (dropout is linear in ``P`` and ``lse`` is the undropped one).
 
 Launchers (no autograd here):
@@ -49,9 +51,9 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
                     attn_bwd_dq_list, attn_bwd_load_rows, attn_fwd_band, attn_fwd_finalize, attn_fwd_list, block_range,
                     bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys,
                     merge_partials, next_power_of_2, sum_partial_rows, _scale)
-from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _dropout_args,
-                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _one_sided_for, _pruner, _scale_args,
-                      _split_for, _strides, _tuned)
+from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _drop_cols_arg,
+                      _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg, _mask_arg, _meta_for,
+                      _one_sided_for, _pruner, _scale_args, _split_for, _strides, _tuned)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -68,34 +70,35 @@ _one_sided = _one_sided_for(globals())  # the band walk's one-sided edges, from 
 
 
 @triton.jit
-def _dropout_rows(DROP, p_drow, o_pos, m_rows, i_bh, DROP_ROWS: tl.constexpr):
+def _dropout_rows(DROP, p_drow, o_pos, m_rows, i_bh, DROP_ROWS: tl.constexpr, row_off):
     """``(T, row keys [BM])`` of the dropout rule for the query rows at positions ``o_pos [BM]``
     (int64) of query head ``i_bh = b·H + h``.  A row's token position is its position, or with
-    ``DROP_ROWS`` the int64 ``p_drow[position]`` (gathered rows; ``m_rows`` masks the load)."""
+    ``DROP_ROWS`` the int64 ``p_drow[position]`` (gathered rows; ``m_rows`` masks the load), plus
+    ``row_off`` (``drop_row_off``: a call on part of a sequence)."""
     drop_seed, drop_thresh = dropout_load(DROP)
     if DROP_ROWS:
         o_tok = tl.load(p_drow + o_pos, mask=m_rows, other=0)
     else:
         o_tok = o_pos
-    return drop_thresh, dropout_row_keys(dropout_head_key(drop_seed, i_bh), o_tok)
+    return drop_thresh, dropout_row_keys(dropout_head_key(drop_seed, i_bh), o_tok + row_off)
 
 
 @_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd")
 @triton.jit
 def _sw_fwd_kernel(
-    Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW,
+    Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW, DCOL,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_os, stride_ob, stride_oh, stride_on, stride_od,
     stride_ls, stride_lb, stride_lh, stride_ln,
-    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn, stride_drb,
+    stride_qmb, stride_qmn, stride_kmb, stride_kmn, stride_gb, stride_gn, stride_drb, stride_dcb, stride_dcn,
     n_q, n_k, n_glob, heads_per_kv, left, right, dilation, chunk, n_split,
-    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo, SPAN,
+    qk_scale, qk_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
-    ONE_SIDED: tl.constexpr,
+    DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     # program -> (query block i_m, key chunk i_s, residue i_r); heads; batch
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -124,7 +127,7 @@ def _sw_fwd_kernel(
     drop_thresh, b_rk = 0, 0
     if DROPOUT:  # key columns = key positions; this chunk's output is dropped with its own columns
         drop_thresh, b_rk = _dropout_rows(DROP, DROW + i_b.to(tl.int64) * stride_drb, o_pq, m_m,
-                                          i_b * tl.num_programs(1) + i_h, DROP_ROWS)
+                                          i_b * tl.num_programs(1) + i_h, DROP_ROWS, drop_row_off)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
@@ -135,14 +138,15 @@ def _sw_fwd_kernel(
     acc, m_i, l_i = attn_fwd_band(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
-        BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT,
-        ONE_SIDED=ONE_SIDED)
+        BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
+        DROPOUT=DROPOUT, ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         # keys every row sees, at absolute positions (never split: n_split == 1 here)
         acc, m_i, l_i = attn_fwd_list(
             acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
             stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
+            DROPOUT=DROPOUT, p_col=DCOL + i_b.to(tl.int64) * stride_dcb, stride_col=stride_dcn, LIST_COLS=DROP_COLS)
 
     m_row = m_m
     if HAS_QMASK:
@@ -159,7 +163,7 @@ def _sw_fwd_kernel(
 @_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="dq")
 @triton.jit
 def _sw_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, DROP, DROW,
+    Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, DROP, DROW, DCOL,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -167,12 +171,12 @@ def _sw_bwd_dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_deb, stride_deh, stride_den,
     stride_dqs, stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_kmb, stride_kmn, stride_gb, stride_gn, stride_drb,
+    stride_kmb, stride_kmn, stride_gb, stride_gn, stride_drb, stride_dcb, stride_dcn,
     n_q, n_k, n_glob, heads_per_kv, left, right, dilation, chunk, n_split,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SPAN,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, ONE_SIDED: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_r = i_blk % dilation
@@ -205,21 +209,23 @@ def _sw_bwd_dq_kernel(
     drop_thresh, b_rk = 0, 0
     if DROPOUT:
         drop_thresh, b_rk = _dropout_rows(DROP, DROW + i_b.to(tl.int64) * stride_drb, o_pq, m_m,
-                                          i_b * tl.num_programs(1) + i_h, DROP_ROWS)
+                                          i_b * tl.num_programs(1) + i_h, DROP_ROWS, drop_row_off)
 
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
     lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
     b_dq = attn_bwd_dq_band(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
-        qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, ONE_SIDED=ONE_SIDED)
+        qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off,
+        drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
+        ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
             p_k, p_v, stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh, drop_scale=drop_scale,
-            drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
+            drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
+            p_col=DCOL + i_b.to(tl.int64) * stride_dcb, stride_col=stride_dcn, LIST_COLS=DROP_COLS)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
 
     p_dq = DQ + i_s.to(tl.int64) * stride_dqs + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -241,7 +247,7 @@ def _sw_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_kmb, stride_kmn, stride_drb,
     n_q, n_k, heads_per_kv, left, right, dilation,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, SPAN,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, ONE_SIDED: tl.constexpr,
@@ -285,8 +291,9 @@ def _sw_bwd_dkdv_kernel(
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         lo, full_lo, full_hi, hi, 0, n_sq, i_r, dilation, left, right, qk_scale, qk_scale_lo,
         BLOCK_M, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS, ONE_SIDED=ONE_SIDED)
+        b_kcol=o_pk + drop_col_off, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh,
+        drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS,
+        drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED)
 
     m_key = m_n
     if HAS_KMASK:
@@ -320,7 +327,7 @@ def _global_key_tuning(fn):
 @_global_key_tuning
 @triton.jit
 def _sw_bwd_dkdv_global_kernel(
-    Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW,
+    Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW, DCOL,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -328,11 +335,12 @@ def _sw_bwd_dkdv_global_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_deb, stride_deh, stride_den,
     stride_ps, stride_pb, stride_ph, stride_pg, stride_pd,
-    stride_gb, stride_gn, stride_drb,
+    stride_gb, stride_gn, stride_drb, stride_dcb, stride_dcn,
     n_q, n_glob, heads_per_kv, chunk, n_split,
-    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
+    DROP_COLS: tl.constexpr,
 ):
     # one program = BLOCK_N listed (global) keys x one chunk of query rows; partial sums out
     i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -362,24 +370,28 @@ def _sw_bwd_dkdv_global_kernel(
     p_lse = LSE + i_b.to(tl.int64) * stride_lb
     p_delta = DELTA + i_b.to(tl.int64) * stride_deb
     p_drow = DROW + i_b.to(tl.int64) * stride_drb
-    drop_seed, drop_thresh, drop_bh0 = 0, 0, 0
-    if DROPOUT:  # the listed keys' columns are their positions o_pk (empty slots are zeroed below)
+    drop_seed, drop_thresh, drop_bh0, b_kcol = 0, 0, 0, o_pk
+    if DROPOUT:  # the listed keys' columns: drop_col_off + their positions o_pk, or DCOL (empty slots zeroed below)
         drop_seed, drop_thresh = dropout_load(DROP)
         drop_bh0 = i_b * heads_per_kv * tl.num_programs(1)  # b·H
+        if DROP_COLS:
+            b_kcol = tl.load(DCOL + i_b.to(tl.int64) * stride_dcb + o_n * stride_dcn, mask=m_key, other=0)
+        else:
+            b_kcol = o_pk + drop_col_off
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         r_begin, r_full, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
         BLOCK_M, False, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS)
+        b_kcol=b_kcol, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS, drop_row_off=drop_row_off)
     b_dk, b_dv = attn_bwd_dkdv_heads(
         b_dk, b_dv, b_k, b_v, o_n, p_q, p_do, p_lse, p_delta, i_h0, heads_per_kv, stride_qh, stride_doh,
         stride_lh, stride_deh, stride_qn, stride_don, stride_ln, stride_den, o_d * stride_qd, o_d * stride_dod,
         r_full, r_end, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
         BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-        b_kcol=o_pk, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS,
+        b_kcol=b_kcol, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS, drop_row_off=drop_row_off,
         BAND=False)  # the rows past r_end drop out through their lse: no test per score
 
     b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
@@ -453,6 +465,9 @@ def sliding_window_fwd(
     dropout_p: float = 0.0,
     dropout_state: Optional[torch.Tensor] = None,
     drop_rows: Optional[torch.Tensor] = None,
+    drop_row_offset: int = 0,
+    drop_col_offset: int = 0,
+    drop_cols: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Banded (or dense) attention forward.
 
@@ -471,6 +486,11 @@ def sliding_window_fwd(
             ``H`` of the rule's ``b·H + h`` is q's head count; key columns are key positions.
         drop_rows: ``[B, Nq]`` int64: the token position of query row ``m`` (gathered rows,
             e.g. the global rows of a dense pass; dilation 1 only); None: row ``m`` is position ``m``.
+        drop_row_offset, drop_col_offset: for a call on part of a sequence (a context-parallel rank's
+            halo-extended range): row ``m`` is token ``drop_row_offset + m`` (``+ drop_rows[m]``), key
+            ``j`` has column ``drop_col_offset + j``.  Default 0.
+        drop_cols: ``[B, G]`` int64, the dropout columns of the ``global_keys`` slots when they are not
+            ``drop_col_offset +`` their positions (a rank's gathered global keys, appended after its own).
 
     Returns:
         ``out [B, H, Nq, D]`` (q's dtype, contiguous) and ``lse [B, H, Nq]`` (float32;
@@ -478,6 +498,8 @@ def sliding_window_fwd(
     """
     _check(q, k, v, window, dilation)
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q, dilation)
+    drop.update(**_drop_offset_args(dropout_p, drop_row_offset, drop_col_offset),
+                **_drop_cols_arg(dropout_p, drop_cols, global_keys, q))
     b, h, nq, d = q.shape
     h_kv, nk = k.shape[1], k.shape[2]
     acc = acc_dtype(q.dtype)
@@ -527,6 +549,9 @@ def sliding_window_bwd(
     dropout_p: float = 0.0,
     dropout_state: Optional[torch.Tensor] = None,
     drop_rows: Optional[torch.Tensor] = None,
+    drop_row_offset: int = 0,
+    drop_col_offset: int = 0,
+    drop_cols: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`sliding_window_fwd` (same arguments; ``query_mask`` is not
     needed: masked rows carry ``lse = -inf`` and get zero gradients).  ``out`` is the
@@ -541,16 +566,19 @@ def sliding_window_bwd(
     _check(q, k, v, window, dilation)
     gidx, n_glob = _global_keys_arg(global_keys, q)
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q, dilation)
+    drop.update(_drop_offset_args(dropout_p, drop_row_offset, drop_col_offset))
+    cols = _drop_cols_arg(dropout_p, drop_cols, global_keys, q)  # the passes over the listed keys only
     delta = bwd_preprocess(out, dout)  # [B, H, Nq]; rowsum(dO ∘ O) of the dropped O
     common = _bwd_common(q, k, v, dout, lse, delta, scale)  # strides, scales, HEAD_DIM
     band = _band_args(window, dilation, q.shape[2], k.shape[2])
     kw = dict(**band, **_key_mask_args(key_mask, q), **common, **drop)
 
-    dq = _bwd_dq(q, k, v, dout, lse, delta, gidx, n_glob, window, kw)
+    dq = _bwd_dq(q, k, v, dout, lse, delta, gidx, n_glob, window, dict(kw, **cols))
     dk, dv = _bwd_dkdv(q, k, v, dout, lse, delta, kw)
     if n_glob > 0:  # the listed keys are seen by every query row
         add_global_key_grads(dout, q, k, v, lse, delta, gidx, dk, dv, common, dropout_p=dropout_p,
-                             dropout_state=dropout_state, drop_rows=drop_rows)
+                             dropout_state=dropout_state, drop_rows=drop_rows, drop_row_offset=drop_row_offset,
+                             drop_col_offset=drop_col_offset, drop_cols=drop_cols)
     return dq, dk, dv
 
 
@@ -610,7 +638,8 @@ def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                          lse: torch.Tensor, delta: torch.Tensor, global_keys: torch.Tensor,
                          dk: torch.Tensor, dv: torch.Tensor, common: dict, *, dropout_p: float = 0.0,
                          dropout_state: Optional[torch.Tensor] = None,
-                         drop_rows: Optional[torch.Tensor] = None) -> None:
+                         drop_rows: Optional[torch.Tensor] = None, drop_row_offset: int = 0,
+                         drop_col_offset: int = 0, drop_cols: Optional[torch.Tensor] = None) -> None:
     """``dk[b, :, g] +=`` / ``dv[b, :, g] +=`` the gradient of the listed keys
     ``global_keys [B, G]`` (int64, distinct, negative = empty slot), which every query row
     sees (rows with ``lse = -inf`` contribute nothing).  ``common``: the stride / scale
@@ -618,7 +647,8 @@ def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     HEAD_DIM, EXACT_SCALE, USE_EXP2), as built by :func:`sliding_window_bwd`.  Rows are
     split into chunks when there are too few programs; partials are summed deterministically.
     Dropout as :func:`sliding_window_fwd` (``drop_rows [B, Nq]``: the token positions of q's rows,
-    None: row ``m`` is position ``m``; the listed keys' columns are their positions).
+    None: row ``m`` is position ``m``; the listed keys' columns are their positions; ``drop_row_offset``,
+    ``drop_col_offset`` and ``drop_cols`` as there).
     Shared by every family with global tokens (sliding window, segments, LSG)."""
     b, h, nq, d = q.shape
     h_kv = k.shape[1]
@@ -627,6 +657,8 @@ def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     chunk_r = _split(b * h_kv * triton.cdiv(n_glob, block_n), nq, q.device)
     n_split_r = triton.cdiv(nq, chunk_r)
     drop = _dropout_args(dropout_p, dropout_state, drop_rows, q)
+    drop.update(**_drop_offset_args(dropout_p, drop_row_offset, drop_col_offset),
+                **_drop_cols_arg(dropout_p, drop_cols, global_keys, q))
     dk_parts = torch.empty((n_split_r, b, h_kv, n_glob, d), dtype=acc_dtype(q.dtype), device=q.device)
     dv_parts = torch.empty_like(dk_parts)
 

@@ -43,6 +43,35 @@ def test_representative_kernels_compile_for_sm90_without_spills(tmp_path):
         assert r["mma"] == "wgmma", f"{where}: {r['mma']}"
         assert r["warps_per_sm"] >= r["num_warps"], where
         assert r["unmasked_instr_per_tile"] > 0 and r["masked_instr_per_tile"] >= r["unmasked_instr_per_tile"], where
+        assert r["int_div_in_loops"] == 0, f"{where}: {r['int_div_in_loops']} integer divides inside a loop"
+
+
+def test_ptx_integer_divide_scan():
+    """The report's divide scan: integer div/rem inside a label ... backward-branch region count,
+    outside it or on floats they do not.  (In a subprocess: bench.sm90 refuses the interpreter.)"""
+    ptx = "\n".join([
+        "\tdiv.s32 \t%r1, %r2, %r3;",            # before any loop
+        "$L__BB0_1:",
+        "\tdiv.rn.f32 \t%f1, %f2, %f3;",         # float divide: not counted
+        "\trem.u64 \t%rd1, %rd2, %rd3;",         # in the loop
+        "\tsetp.lt.s32 \t%p1, %r4, %r5;",
+        "\t@%p1 bra \t$L__BB0_1;",
+        "$L__BB0_2:",
+        "\tdiv.u32 \t%r6, %r7, %r8;",            # after the loop, jumped to forward only
+        "\tbra.uni \t$L__BB0_3;",
+        "$L__BB0_3:",
+        "\tret;",
+    ])
+    code = ("import json, sys; from bench.sm90 import ptx_int_divides as f; p = sys.stdin.read(); "
+            "print(json.dumps([f(p), f(p.replace('rem.u64', 'mul.lo.s64'))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], input=ptx, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with_rem, without = json.loads(res.stdout)
+    assert with_rem == dict(int_div=3, int_div_in_loops=1)
+    assert without == dict(int_div=2, int_div_in_loops=0)
 
 
 # ---- LHATTN_AUTOTUNE_CONFIGS: the short tuning set of bash bench/gpu_check.sh OUT quick ----------

@@ -253,7 +253,9 @@ def test_launcher_dropout_argument_errors():
 
 @FP64_VIA_DISPATCH
 def test_sliding_window_dropout_gradcheck_fp64():
-    case = Case(b=1, h=2, h_kv=1, n=11, d=16, n_global="one", padding=True, global_proj=True, seed=13)
+    """One head (half the kernel programs of H = 2); GQA with dropout against the fp64 oracle:
+    test_sliding_window_dropout_fp64."""
+    case = Case(b=1, h=1, h_kv=1, n=11, d=16, n_global="one", padding=True, global_proj=True, seed=13)
     inputs = make_inputs(case, torch.float64, DEVICE)
     pattern = SlidingWindow((2, 1), dilation=2)
 
@@ -266,7 +268,9 @@ def test_sliding_window_dropout_gradcheck_fp64():
 
 @FP64_VIA_DISPATCH
 def test_segment_dropout_gradcheck_fp64():
-    inputs = make_inputs(Case(b=1, h=2, h_kv=1, n=13, d=16, n_global="many", seed=14), torch.float64, DEVICE)
+    """One head (half the kernel programs of H = 2); GQA with dropout against the fp64 oracle:
+    test_segment_dropout_fp64."""
+    inputs = make_inputs(Case(b=1, h=1, h_kv=1, n=13, d=16, n_global="many", seed=14), torch.float64, DEVICE)
 
     def f(q, k, v):
         return lhattn.attention(q, k, v, Segments(5), global_mask=inputs["global_mask"], dropout_p=0.4,
@@ -305,12 +309,17 @@ def test_custom_ops_opcheck_with_dropout():
 
 @pytest.mark.parametrize("pattern", [SlidingWindow((4, 2)), Segments(8)], ids=["window", "segments"])
 def test_fullgraph_compile_with_dropout_and_a_tensor_seed(pattern):
-    """One graph for every seed (the seed is a tensor); compiled == eager, forward and backward."""
+    """One graph for every seed (the seed is a tensor); compiled == eager, forward and backward.
+    One batch row of 24 tokens (two tiles), two global tokens and a padded tail: the traced call has
+    the globals, padding and dropout of the oracle tests above with less interpreted work than the
+    B = 2, N = 40 it had (compiled and eager are compared bit for bit; the kernels against the
+    oracle are the tests above)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    inputs = make_inputs(Case(b=2, h=2, h_kv=2, n=40, n_global="many", padding=True, seed=16), torch.float32,
-                         DEVICE)
-    q, k, v, kpm, gm = (inputs[key] for key in ("q", "k", "v", "key_padding_mask", "global_mask"))
+    inputs = make_inputs(Case(b=1, h=2, h_kv=2, n=24, n_global="many", seed=16), torch.float32, DEVICE)
+    q, k, v, gm = (inputs[key] for key in ("q", "k", "v", "global_mask"))
+    kpm = torch.zeros_like(gm)
+    kpm[0, 19:] = True  # make_inputs pads no row when B = 1
 
     def f(q, k, v, gm, kpm, seed):
         return lhattn.attention(q, k, v, pattern, global_mask=gm, key_padding_mask=kpm, dropout_p=0.3,

@@ -61,7 +61,10 @@ WINDOWS = {
     "dil2-wide": SlidingWindow((17, 15), dilation=2),  # dilated, with full blocks in each residue
 }
 
-BASIC = Case(b=2, h=2, h_kv=2, n=37)
+# BASIC: the specialisations without masks and globals, one batch row (the batch offsets are common code
+# of every specialisation, checked with B = 2 by RICH and the other cases; no padding, no globals: the
+# rows of a batch would all take the same path)
+BASIC = Case(b=1, h=2, h_kv=2, n=37)
 RICH = Case(b=2, h=2, h_kv=1, n=45, n_global="many", padding=True, seed=1)  # GQA, ragged globals, padding
 
 OTHER_CASES = [
@@ -163,7 +166,9 @@ def test_triton_padding_rows_are_exact_zeros_never_nan():
 
 @FP64_VIA_DISPATCH
 def test_triton_gradcheck_fp64():
-    case = Case(b=1, h=2, h_kv=1, n=11, d=16, n_global="one", padding=True, global_proj=True, seed=8)
+    """One head (half the kernel programs of H = 2): GQA is in the gradcheck below and in the fp64
+    oracle comparison of test_triton_matches_oracle_fp64 (gproj-strided-dil3: GQA, dilation, gproj)."""
+    case = Case(b=1, h=1, h_kv=1, n=11, d=16, n_global="one", padding=True, global_proj=True, seed=8)
     inputs = make_inputs(case, torch.float64, DEVICE)
     pattern = SlidingWindow((2, 1), dilation=2)
 
@@ -315,7 +320,8 @@ def compile_for(kernel, consts, pointers, target):
         elif name.startswith("stride") and name.endswith("d"):
             sig[name], consts[name] = "constexpr", 1  # a real launch specialises unit strides
         elif name.startswith("stride") or name in ("n", "n_q", "n_k", "n_glob", "heads_per_kv", "left", "right",
-                                                    "dilation", "chunk", "n_split", "SPAN", "seg_size", "SEG"):
+                                                    "dilation", "chunk", "n_split", "SPAN", "seg_size", "SEG",
+                                                    "drop_row_off", "drop_col_off"):
             sig[name] = "i32"
         elif "scale" in name:
             sig[name] = "fp32"
@@ -326,20 +332,25 @@ def compile_for(kernel, consts, pointers, target):
                    options=dict(num_warps=4, num_stages=2))
 
 acc = {"LSE": "*fp32", "DELTA": "*fp32", "QM": "*u8", "KM": "*u8", "GIDX": "*i64", "DQ": "*fp32", "DKP": "*fp32",
-       "DVP": "*fp32", "DROP": "*i64", "DROW": "*i64", "SEG_START": "*i64", "SEG_END": "*i64"}
+       "DVP": "*fp32", "DROP": "*i64", "DROW": "*i64", "DCOL": "*i64", "SEG_START": "*i64", "SEG_END": "*i64"}
 target = GPUTarget("cuda", 90, 32)
-# without dropout, then with it (band rows, and the gathered rows of the dense pass: DROP_ROWS)
-for drop in (dict(DROPOUT=False, DROP_ROWS=False), dict(DROPOUT=True, DROP_ROWS=False),
-             dict(DROPOUT=True, DROP_ROWS=True)):
+# without dropout, then with it (band rows, and the gathered rows of the dense pass: DROP_ROWS), then with the
+# listed keys' own dropout columns (a context-parallel rank's gathered global keys: DROP_COLS)
+for drop in (dict(DROPOUT=False, DROP_ROWS=False, DROP_COLS=False),
+             dict(DROPOUT=True, DROP_ROWS=False, DROP_COLS=False),
+             dict(DROPOUT=True, DROP_ROWS=True, DROP_COLS=False), dict(DROPOUT=True, DROP_ROWS=False, DROP_COLS=True)):
     base = dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=32, EXACT_SCALE=False, USE_EXP2=True, **drop)
     compile_for(S._sw_fwd_kernel, dict(base, HAS_QMASK=True, HAS_KMASK=True, HAS_GLOBAL=True), acc, target)
     compile_for(S._sw_bwd_dq_kernel, dict(base, HAS_KMASK=True, HAS_GLOBAL=True), acc, target)
-    compile_for(S._sw_bwd_dkdv_kernel, dict(base, HAS_KMASK=True), acc, target)
+    compile_for(S._sw_bwd_dkdv_kernel, {k: v for k, v in dict(base, HAS_KMASK=True).items() if k != "DROP_COLS"},
+                acc, target)
     compile_for(S._sw_bwd_dkdv_global_kernel, dict(base), acc, target)
-# the segment kernels with dropout (ragged segments: bounds loaded)
-seg = dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=32, EXACT_SCALE=False, USE_EXP2=True, DROPOUT=True, FIXED=False)
-compile_for(G._seg_fwd_kernel, dict(seg, HAS_QMASK=True, HAS_KMASK=True, HAS_GLOBAL=True), acc, target)
-compile_for(G._seg_bwd_dq_kernel, dict(seg, HAS_KMASK=True, HAS_GLOBAL=True), acc, target)
+# the segment kernels with dropout (ragged segments: bounds loaded), and with the listed keys' columns
+for cols in (False, True):
+    seg = dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=32, EXACT_SCALE=False, USE_EXP2=True, DROPOUT=True, FIXED=False)
+    compile_for(G._seg_fwd_kernel, dict(seg, HAS_QMASK=True, HAS_KMASK=True, HAS_GLOBAL=True, DROP_COLS=cols), acc,
+                target)
+    compile_for(G._seg_bwd_dq_kernel, dict(seg, HAS_KMASK=True, HAS_GLOBAL=True, DROP_COLS=cols), acc, target)
 compile_for(G._seg_bwd_dkdv_kernel, dict(seg, HAS_KMASK=True), acc, target)
 print("compiled")
 """

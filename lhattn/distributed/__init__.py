@@ -23,9 +23,9 @@ position).  What moves between ranks (NCCL on GPUs, gloo on CPU; count it with :
 
 Every rank must call with the same kinds of arguments (checked with one small all-gather).
 Each rank computes its part with the Triton kernels when its tensors are on CUDA (window and segment
-bands, and the global rows' partials), else with the blocked fallback engine
-(:mod:`lhattn.fallback.engine`); attention dropout and LSG always use the fallback engine.  The switch
-and the extra work are described in :mod:`lhattn.distributed._local`.
+bands, and the global rows' partials; attention dropout too, dropping the single-process call's
+entries), else with the blocked fallback engine (:mod:`lhattn.fallback.engine`); LSG always uses the
+fallback engine.  The switch and the extra work are described in :mod:`lhattn.distributed._local`.
 
 The ``lhattn.nn`` modules run context-parallel inside :func:`context_parallel`::
 

@@ -346,7 +346,8 @@ def context_parallel_attention(
             ids = C.halo_exchange(segment_ids, lay, ranges, dim=1)
 
     if engine == "triton":  # the same traffic; the kernels compute
-        out, lse = _local.triton_band(q, k_ext, v_ext, pattern, shift, local, local_k, glb, scale, ids)
+        out, lse = _local.triton_band(q, k_ext, v_ext, pattern, shift, local, local_k, glb, scale, ids, dropout_p,
+                                      state, lo)
         out, lse = _with_global_rows(out, lse, glb, k, v, valid, lay, scale, dropout_p, state, engine="triton")
         return (out, lse) if return_lse else out
 
@@ -373,8 +374,9 @@ def _with_global_rows(out, lse, glb: Optional[_Globals], k, v, valid, lay: C.Lay
     attention over every rank's keys; ``engine`` computes the partials (:mod:`lhattn.distributed._local`)."""
     if glb is None:
         return out, lse
-    if engine == "triton":  # no dropout, not causal (LSG stays on the fallback)
-        out_g, lse_g = _local.TritonGlobalRows.apply(glb.q, k, v, glb.pos >= 0, valid, scale, lay.group)
+    if engine == "triton":  # not causal (LSG stays on the fallback)
+        out_g, lse_g = _local.TritonGlobalRows.apply(glb.q, k, v, glb.pos, valid, scale, lay.group, dropout_p, state,
+                                                     lay.start)
         return write_global_rows(out, lse, glb.own, glb.mine(out_g), glb.mine(lse_g))
     plan = _GlobalRowsPlan(glb.pos, valid, k.shape[2], lay.start, causal)
     drop = None if state is None else Dropout(float(dropout_p), state, glb.pos, [lay.start])
