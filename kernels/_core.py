@@ -227,11 +227,37 @@ def _in_interval(o_j, lo, span):
 
 
 @triton.jit
-def _masked_scores(b_qk, o_j, lo, span, qk_scale, qk_scale_lo, EXACT_SCALE: tl.constexpr):
-    """Scaled scores of a masked tile: ``-inf`` outside each row's interval (:func:`_row_interval`).
+def _row_bound(o_i, before, after, c_begin, c_end, SIDE: tl.constexpr):
+    """``[R, 1]`` int32, one bound of each row's interval (:func:`_row_interval`) for a one-sided edge
+    tile: ``SIDE == 1`` the first column row ``o_i [R]`` sees, ``max(i - before, c_begin)``;
+    ``SIDE == 2`` the last one, ``min(i + after, c_end - 1)``."""
+    if SIDE == 1:
+        return tl.maximum(o_i[:, None] - before, c_begin)
+    else:
+        return tl.minimum(o_i[:, None] + after, c_end - 1)
+
+
+@triton.jit
+def _in_side(o_j, lo, span, SIDE: tl.constexpr):
+    """``[R, C]`` bool: column ``o_j [C]`` passes the band test of a tile: ``SIDE == 0`` inside each row's
+    interval (``lo, span`` of :func:`_row_interval`: subtract, unsigned compare, select per element);
+    ``SIDE == 1`` at or after the row's first column ``lo``, ``SIDE == 2`` at or before its last column
+    ``lo`` (:func:`_row_bound`; one compare per element, ``span`` unused)."""
+    if SIDE == 1:
+        return o_j[None, :] >= lo
+    elif SIDE == 2:
+        return o_j[None, :] <= lo
+    else:
+        return _in_interval(o_j, lo, span)
+
+
+@triton.jit
+def _masked_scores(b_qk, o_j, lo, span, qk_scale, qk_scale_lo, EXACT_SCALE: tl.constexpr, SIDE: tl.constexpr = 0):
+    """Scaled scores of a masked tile: ``-inf`` outside each row's interval (:func:`_row_interval`), or
+    with ``SIDE`` 1 / 2 before its first / after its last column (:func:`_in_side`).
     The select comes before the scale, so the scale still fuses into the exponent's FMA; with the
     float64 split scale (``x*hi + x*lo``, ``lo`` possibly 0: ``-inf * 0``) it comes after."""
-    m_s = _in_interval(o_j, lo, span)
+    m_s = _in_side(o_j, lo, span, SIDE)
     if EXACT_SCALE:
         return tl.where(m_s, _scale(b_qk, qk_scale, qk_scale_lo, EXACT_SCALE), float("-inf"))
     else:
@@ -548,6 +574,7 @@ def attn_bwd_dkdv_heads(
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
     DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, drop_row_off=0,
+    BAND: tl.constexpr = True,
 ):
     """``dv += Pᵀ dO`` and ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]``
     (key indices ``o_j [BN]``) over the query indices ``[i_lo, i_hi)``, ``BLOCK_M`` at a
@@ -564,9 +591,11 @@ def attn_bwd_dkdv_heads(
     ``dv += (P ∘ keep / (1 - p))ᵀ dO`` and ``dP' = keep ∘ dP / (1 - p)``.  A query's token
     position is its position ``pos_offset + i * pos_step``, or with ``DROP_ROWS`` the int64
     ``p_drow[i]`` (rows gathered from the sequence, e.g. global rows), plus ``drop_row_off`` (a call
-    on part of a sequence, e.g. a context-parallel rank's)."""
+    on part of a sequence, e.g. a context-parallel rank's).  ``BAND`` False: the band holds every row
+    (``before``, ``after`` unused); a masked tile then tests no score: its rows outside
+    ``[r_begin, r_end)`` load ``lse = +inf`` (``p = 0``), ``q = dO = delta = 0``, and drop out."""
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
-    if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
+    if MASKED and BAND:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
         c_lo, c_span = _row_interval(o_j, after, before, r_begin, r_end)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
@@ -585,7 +614,7 @@ def attn_bwd_dkdv_heads(
             b_do = tl.load(p_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
         b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
                                             stride_dn, m_i, MASKED, USE_EXP2)
-        if MASKED:
+        if MASKED and BAND:
             b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_i, c_lo, c_span, qk_scale, qk_scale_lo,
                                   EXACT_SCALE)  # [BN, BM]
         else:
@@ -655,6 +684,33 @@ def attn_bwd_dkdv_range(
 # with them instead: with dropout (every pass: the dk/dv pass spilled 24 B with the band tiles), the
 # forward with a key mask or at D > 128, and when the caller asks (``RANGE_LOOPS``: the segment
 # forward with per-token bounds, the segment dq at D = 256).
+#
+# One-sided edges (``ONE_SIDED``, a launch constexpr; issue 11).  A masked tile costs, per score, a
+# subtract, an unsigned compare and a select for the two-sided interval test.  In a band wider than a
+# tile pair, the left edge ``[lo, full_lo)`` can only cut through the rows' *first* columns
+# (``max(i - before, k_begin)``) and the right edge ``[full_hi, hi)`` only through their *last* ones
+# (``min(i + after, k_end - 1)``): each then tests one bound, a compare and a select per score against
+# a per-row bound minus ``j0`` (:func:`_row_bound`, :func:`_in_side`).
+#
+# * The right edge needs no condition: it starts at or after ``full_lo``, past the first column of
+#   every row of the block (:func:`block_range`, the segment ranges).  Its loads advance one tile per
+#   step and are predicated at ``k_end`` (a predicate per loaded row, not per score).
+# * The left edge lies at or before the first row's last column when
+#   ``ceil((s + BLOCK_SELF - 1 - before) / BLOCK_OTHER) * BLOCK_OTHER <= s + after + 1`` for every block
+#   start ``s`` (decided on the host, for every tile shape the autotuner may pick:
+#   ``kernels/_launch.py``, ``_left_edge_one_sided``), and lies inside ``[0, k_end)``, so its loads are
+#   neither clamped nor predicated and advance one tile per step (an index ``j0`` in the addresses would
+#   widen the loop counter, and with it the row test, to 64 bits).  Near the end of a short sequence the
+#   left edge can reach the tile holding ``k_end``: the forward and dq move that tile (and any after it)
+#   to the right edge (:func:`_one_sided_split`; its rows' first columns are then at or before the
+#   tile's start when ``before >= BLOCK_N - 2`` and the key chunks start on tile boundaries); dk/dv
+#   keeps it on the left edge and drops the query rows past ``r_end`` through their lse (``+inf``,
+#   ``p = 0``), a test per row.
+# * Fixed segments that are a multiple of the crossed tile and at least as long as the owned one are
+#   one-sided too: a block spans at most two segments and their boundary is a tile boundary.
+#
+# Narrow bands, per-token segment bounds and unaligned chunks keep the two-sided test.  The walk is
+# checked tile by tile in ``tests/test_triton_one_sided.py``.
 
 
 @triton.jit
@@ -670,36 +726,118 @@ def _clamp_index(o_j, k_begin, k_end):
 
 
 @triton.jit
+def _edge_index(o_j, k_begin, k_end, SIDE: tl.constexpr):
+    """Indices to load for the columns ``o_j`` of a masked tile, always in bounds: both-sided tiles clamp
+    into ``[k_begin, k_end - 1]``; a left-edge tile (``SIDE == 1``) lies inside ``[0, k_end)`` (no clamp;
+    columns under ``k_begin`` are loaded but fail the row test); a right-edge tile (``SIDE == 2``) starts
+    at or after ``k_begin`` and clamps into ``k_end - 1`` only."""
+    if SIDE == 1:
+        return o_j
+    elif SIDE == 2:
+        return tl.minimum(o_j, k_end - 1)
+    else:
+        return _clamp_index(o_j, k_begin, k_end)
+
+
+@triton.jit
+def _edge_bounds(o_i, before, after, k_begin, k_end, SIDE: tl.constexpr):
+    """``(lo, span)`` of a masked loop's row test (:func:`_in_side`): the interval of
+    :func:`_row_interval` (``SIDE == 0``) or the one bound of :func:`_row_bound` (``span`` 0, unused)."""
+    if SIDE == 0:
+        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
+    else:
+        r_lo = _row_bound(o_i, before, after, k_begin, k_end, SIDE)
+        r_span = 0
+    return r_lo, r_span
+
+
+@triton.jit
+def _one_sided_split(lo, full_lo, full_hi, k_end, BLOCK: tl.constexpr):
+    """``(full_lo, full_hi)`` of a one-sided walk (forward, dq): when the left edge reaches the tile that holds
+    ``k_end`` (a short sequence, its last blocks), that tile and every one after it go to the right edge,
+    whose test bounds ``k_end``; the walk's tiles and the unmasked ones are otherwise unchanged."""
+    e = k_end // BLOCK * BLOCK
+    cut = tl.minimum(full_lo, tl.maximum(e, lo))
+    return cut, tl.maximum(tl.minimum(full_hi, e), cut)
+
+
+@triton.jit
+def _fwd_masked_tile(
+    acc, m_i, l_i, b_q, j0, o_c, r_lo, r_span, p_kt, p_vt, p_kmt, o_col, qk_scale, qk_scale_lo,
+    HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, b_rk, drop_thresh,
+    DROPOUT: tl.constexpr, SIDE: tl.constexpr, m_ld=None,
+):
+    """One masked key tile ``[j0, j0 + BLOCK_N)`` of :func:`_fwd_tiles`: k, v and key-mask pointers
+    ``p_kt, p_vt [BN, D]``, ``p_kmt [BN]`` (in bounds, or where ``m_ld [BN]`` holds), dropout columns
+    ``o_col [BN]``, row test ``r_lo, r_span`` of :func:`_edge_bounds`."""
+    if m_ld is None:
+        b_k = tl.load(p_kt)  # [BN, D]
+        b_v = tl.load(p_vt)
+    else:
+        b_k = tl.load(p_kt, mask=m_ld[:, None], other=0.0)
+        b_v = tl.load(p_vt, mask=m_ld[:, None], other=0.0)
+    b_s = _mm(b_q, tl.trans(b_k), None)
+    if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
+        b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
+    if SIDE != 0 or b_q.shape[1] >= 128:  # column offsets vs lo - j0 (fewer instructions)
+        b_s = tl.where(_in_side(o_c, r_lo - j0, r_span, SIDE), b_s, float("-inf"))
+    else:  # absolute columns: 25 fewer registers at D = 64 (127, under 128: 16 warps/SM at 8 warps)
+        b_s = tl.where(_in_interval(j0 + o_c, r_lo, r_span), b_s, float("-inf"))
+    if HAS_KEY_MASK:
+        if m_ld is None:
+            b_s = tl.where((tl.load(p_kmt) != 0)[None, :], b_s, float("-inf"))
+        else:
+            b_s = tl.where((tl.load(p_kmt, mask=m_ld, other=0) != 0)[None, :], b_s, float("-inf"))
+    b_keep = None
+    if DROPOUT:
+        b_keep = dropout_keep(b_rk, o_col, drop_thresh)
+    if EXACT_SCALE:
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
+    else:
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
     j_lo, j_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, b_rk, col_offset, drop_thresh, DROPOUT: tl.constexpr,
+    SIDE: tl.constexpr = 0,
 ):
-    """One loop of :func:`attn_fwd_band` over the key tiles ``[j_lo, j_hi)``."""
+    """One loop of :func:`attn_fwd_band` over the key tiles ``[j_lo, j_hi)``.  ``MASKED``: the row test
+    of ``SIDE`` (:func:`_in_side`)."""
     o_c = tl.arange(0, BLOCK_N)  # [BN] column offsets inside a tile
-    if MASKED:
-        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)  # per loop: fewer live registers
+    if MASKED and SIDE != 0:
+        # one-sided edges advance their pointers one tile per step, as unmasked tiles do (an index j0 in the
+        # addresses would widen the loop counter, and the row test, to 64 bits); a left edge lies inside
+        # [0, k_end), a right edge loads with a predicate past k_end
+        r_lo, r_span = _edge_bounds(o_i, before, after, k_begin, k_end, SIDE)
+        o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)
+        p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # [BN, D]
+        p_vt = p_v + o_pos[:, None] * stride_vn + o_vd[None, :]
+        p_kmt = p_km + o_pos * stride_kmn
+        step = _i64(BLOCK_N * pos_step)
         for j0 in range(j_lo, j_hi, BLOCK_N):
-            o_pos = (pos_offset + _clamp_index(j0 + o_c, k_begin, k_end) * pos_step).to(tl.int64)
-            b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])  # [BN, D], in bounds
-            b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
-            b_s = _mm(b_q, tl.trans(b_k), None)
-            if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
-                b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
-            if b_q.shape[1] >= 128:  # column offsets vs lo - j0 (fewer instructions)
-                b_s = tl.where(_in_interval(o_c, r_lo - j0, r_span), b_s, float("-inf"))
-            else:  # absolute columns: 25 fewer registers at D = 64 (127, under 128: 16 warps/SM at 8 warps)
-                b_s = tl.where(_in_interval(j0 + o_c, r_lo, r_span), b_s, float("-inf"))
-            if HAS_KEY_MASK:
-                b_s = tl.where((tl.load(p_km + o_pos * stride_kmn) != 0)[None, :], b_s, float("-inf"))
-            b_keep = None
-            if DROPOUT:
-                b_keep = dropout_keep(b_rk, col_offset + o_pos, drop_thresh)
-            if EXACT_SCALE:
-                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT)
-            else:
-                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, b_s, b_v, USE_EXP2, b_keep, DROPOUT, qk_scale)
+            m_ld = None
+            if SIDE == 2:
+                m_ld = o_c < k_end - j0
+            acc, m_i, l_i = _fwd_masked_tile(
+                acc, m_i, l_i, b_q, j0, o_c, r_lo, r_span, p_kt, p_vt, p_kmt,
+                col_offset + pos_offset + (j0 + o_c) * pos_step, qk_scale, qk_scale_lo, HAS_KEY_MASK, EXACT_SCALE,
+                USE_EXP2, b_rk, drop_thresh, DROPOUT, SIDE, m_ld)
+            p_kt += step * stride_kn
+            p_vt += step * stride_vn
+            p_kmt += step * stride_kmn
+    elif MASKED:
+        r_lo, r_span = _edge_bounds(o_i, before, after, k_begin, k_end, SIDE)  # per loop: fewer live registers
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            o_pos = (pos_offset + _edge_index(j0 + o_c, k_begin, k_end, SIDE) * pos_step).to(tl.int64)
+            acc, m_i, l_i = _fwd_masked_tile(
+                acc, m_i, l_i, b_q, j0, o_c, r_lo, r_span, p_k + o_pos[:, None] * stride_kn + o_kd[None, :],
+                p_v + o_pos[:, None] * stride_vn + o_vd[None, :], p_km + o_pos * stride_kmn, col_offset + o_pos,
+                qk_scale, qk_scale_lo, HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, drop_thresh, DROPOUT, SIDE)
     else:
         o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)  # [BN] positions of the first tile
         p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # [BN, D]
@@ -735,6 +873,7 @@ def attn_fwd_band(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False, RANGE_LOOPS: tl.constexpr = False,
+    ONE_SIDED: tl.constexpr = False,
 ):
     """The whole forward band walk of query block ``b_q [BM, D]`` (indices ``o_i [BM]``): key
     tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)`` unmasked, ``[full_hi, hi)`` masked (the
@@ -742,8 +881,9 @@ def attn_fwd_band(
     ``i - before <= j <= i + after`` and ``k_begin <= j < k_end``; ``before``/``after`` are scalars
     or ``[BM, 1]``.  Addressing, key mask and dropout as :func:`attn_fwd_range`.  ``RANGE_LOOPS``: walk
     with the :func:`attn_fwd_range` loops (as with dropout or a key mask), for a caller that compiles
-    better with them."""
-    if DROPOUT or HAS_KEY_MASK or RANGE_LOOPS or b_q.shape[1] > 128:
+    better with them.  ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided
+    edges" above :func:`_i64`); ignored on the ``*_range`` loops."""
+    if DROPOUT or (HAS_KEY_MASK and not ONE_SIDED) or RANGE_LOOPS or b_q.shape[1] > 128:
         # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the dropout and
         # key-padding variants at D = 64, and D = 256 on its mma.sync tiles)
         acc, m_i, l_i = attn_fwd_range(
@@ -759,10 +899,12 @@ def attn_fwd_band(
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
             EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
     else:
+        if ONE_SIDED:  # the tile holding k_end moves from the left edge to the right one
+            full_lo, full_hi = _one_sided_split(lo, full_lo, full_hi, k_end, BLOCK_N)
         acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo, k_begin,
-            k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK, EXACT_SCALE,
-            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo,
+            k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 1 if ONE_SIDED else 0)
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo, full_hi,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KEY_MASK,
@@ -770,8 +912,38 @@ def attn_fwd_band(
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi, hi, k_begin,
             k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK, EXACT_SCALE,
-            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 2 if ONE_SIDED else 0)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_masked_tile(
+    b_dq, b_q, b_do, b_lse, b_delta, j0, o_c, r_lo, r_span, p_kt, p_vt, p_kmt, o_col, qk_scale, qk_scale_lo,
+    HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
+    b_rk, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr, SIDE: tl.constexpr, m_ld=None,
+):
+    """One masked key tile ``[j0, j0 + BLOCK_N)`` of :func:`_dq_tiles` (pointers, load mask, dropout columns
+    and row test as :func:`_fwd_masked_tile`)."""
+    if m_ld is None:
+        b_k = tl.load(p_kt)  # in bounds
+        b_v = tl.load(p_vt)
+    else:
+        b_k = tl.load(p_kt, mask=m_ld[:, None], other=0.0)
+        b_v = tl.load(p_vt, mask=m_ld[:, None], other=0.0)
+    b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_c, r_lo - j0, r_span, qk_scale, qk_scale_lo,
+                         EXACT_SCALE, SIDE)  # [BM, BN]
+    if HAS_KEY_MASK:
+        if m_ld is None:
+            b_s = tl.where((tl.load(p_kmt) != 0)[None, :], b_s, float("-inf"))
+        else:
+            b_s = tl.where((tl.load(p_kmt, mask=m_ld, other=0) != 0)[None, :], b_s, float("-inf"))
+    b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
+    b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
+    if DROPOUT:
+        b_keep = dropout_keep(b_rk, o_col, drop_thresh)
+        b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
 
 
 @triton.jit
@@ -781,40 +953,58 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT: tl.constexpr,
+    SIDE: tl.constexpr = 0,
 ):
-    """One loop of :func:`attn_bwd_dq_band` over the key tiles ``[j_lo, j_hi)``."""
+    """One loop of :func:`attn_bwd_dq_band` over the key tiles ``[j_lo, j_hi)`` (``SIDE`` and the left edge's
+    addressing as :func:`_fwd_tiles`)."""
     o_c = tl.arange(0, BLOCK_N)
-    if MASKED:
-        r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)  # per loop: fewer live registers
-    o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)
-    p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # unmasked: advanced one tile per step
-    p_vt = p_v + o_pos[:, None] * stride_vn + o_vd[None, :]
-    p_kmt = p_km + o_pos * stride_kmn
-    step = _i64(BLOCK_N * pos_step)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        if MASKED:
-            o_cur = (pos_offset + _clamp_index(j0 + o_c, k_begin, k_end) * pos_step).to(tl.int64)
-            b_k = tl.load(p_k + o_cur[:, None] * stride_kn + o_kd[None, :])  # in bounds
-            b_v = tl.load(p_v + o_cur[:, None] * stride_vn + o_vd[None, :])
-            b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_c, r_lo - j0, r_span, qk_scale, qk_scale_lo,
-                                 EXACT_SCALE)  # [BM, BN]
-            if HAS_KEY_MASK:
-                b_s = tl.where((tl.load(p_km + o_cur * stride_kmn) != 0)[None, :], b_s, float("-inf"))
-        else:
+    if MASKED and SIDE != 0:
+        r_lo, r_span = _edge_bounds(o_i, before, after, k_begin, k_end, SIDE)
+        o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)
+        p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # advanced one tile per step
+        p_vt = p_v + o_pos[:, None] * stride_vn + o_vd[None, :]
+        p_kmt = p_km + o_pos * stride_kmn
+        step = _i64(BLOCK_N * pos_step)
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            m_ld = None
+            if SIDE == 2:
+                m_ld = o_c < k_end - j0
+            b_dq = _dq_masked_tile(
+                b_dq, b_q, b_do, b_lse, b_delta, j0, o_c, r_lo, r_span, p_kt, p_vt, p_kmt,
+                col_offset + pos_offset + (j0 + o_c) * pos_step, qk_scale, qk_scale_lo, HAS_KEY_MASK, EXACT_SCALE,
+                USE_EXP2, b_rk, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, SIDE, m_ld)
+            p_kt += step * stride_kn
+            p_vt += step * stride_vn
+            p_kmt += step * stride_kmn
+    elif MASKED:
+        r_lo, r_span = _edge_bounds(o_i, before, after, k_begin, k_end, SIDE)  # per loop: fewer live registers
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            o_cur = (pos_offset + _edge_index(j0 + o_c, k_begin, k_end, SIDE) * pos_step).to(tl.int64)
+            b_dq = _dq_masked_tile(
+                b_dq, b_q, b_do, b_lse, b_delta, j0, o_c, r_lo, r_span,
+                p_k + o_cur[:, None] * stride_kn + o_kd[None, :], p_v + o_cur[:, None] * stride_vn + o_vd[None, :],
+                p_km + o_cur * stride_kmn, col_offset + o_cur, qk_scale, qk_scale_lo, HAS_KEY_MASK, EXACT_SCALE,
+                USE_EXP2, b_rk, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, SIDE)
+    else:
+        o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)
+        p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # advanced one tile per step
+        p_vt = p_v + o_pos[:, None] * stride_vn + o_vd[None, :]
+        p_kmt = p_km + o_pos * stride_kmn
+        step = _i64(BLOCK_N * pos_step)
+        for j0 in range(j_lo, j_hi, BLOCK_N):
             b_k = tl.load(p_kt)
             b_v = tl.load(p_vt)
             b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)
             if HAS_KEY_MASK:
                 b_s = tl.where((tl.load(p_kmt) != 0)[None, :], b_s, float("-inf"))
             o_cur = pos_offset + (j0 + o_c) * pos_step  # dropout columns only
-        b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
-        b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
-        if DROPOUT:
-            b_keep = dropout_keep(b_rk, col_offset + o_cur, drop_thresh)
-            b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
-        if not MASKED:
+            b_p = _exp(b_s - b_lse[:, None], USE_EXP2)  # [BM, BN]
+            b_dp = _mm(b_do, tl.trans(b_v), None)  # [BM, BN]
+            if DROPOUT:
+                b_keep = dropout_keep(b_rk, col_offset + o_cur, drop_thresh)
+                b_dp = tl.where(b_keep, _scale(b_dp, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq = _mm(cast_to(b_ds, b_k.dtype), b_k, b_dq)
             p_kt += step * stride_kn
             p_vt += step * stride_vn
             p_kmt += step * stride_kmn
@@ -829,11 +1019,12 @@ def attn_bwd_dq_band(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
-    RANGE_LOOPS: tl.constexpr = False,
+    RANGE_LOOPS: tl.constexpr = False, ONE_SIDED: tl.constexpr = False,
 ):
     """``dq += dS k`` over the whole band walk (bounds and visibility as :func:`attn_fwd_band`;
     arithmetic, key mask and dropout as :func:`attn_bwd_dq_range`).  ``RANGE_LOOPS``: walk with the
-    :func:`attn_bwd_dq_range` loops (as with dropout), for a caller that compiles better with them."""
+    :func:`attn_bwd_dq_range` loops (as with dropout), for a caller that compiles better with them.
+    ``ONE_SIDED``: as :func:`attn_fwd_band`."""
     if DROPOUT or RANGE_LOOPS:  # the *_range loops: fewer registers with dropout
         b_dq = attn_bwd_dq_range(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
@@ -849,10 +1040,13 @@ def attn_bwd_dq_band(
             full_hi, hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
             HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
     else:
+        if ONE_SIDED:  # as attn_fwd_band
+            full_lo, full_hi = _one_sided_split(lo, full_lo, full_hi, k_end, BLOCK_N)
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
             full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
-            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
+            1 if ONE_SIDED else 0)
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo,
             full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False,
@@ -860,7 +1054,8 @@ def attn_bwd_dq_band(
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi,
             hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
-            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
+            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
+            2 if ONE_SIDED else 0)
     return b_dq
 
 
@@ -871,28 +1066,38 @@ def _dkdv_tiles(
     i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo,
-    DROPOUT: tl.constexpr, p_drow, DROP_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr, p_drow, DROP_ROWS: tl.constexpr, SIDE: tl.constexpr = 0,
 ):
     """One loop of :func:`attn_bwd_dkdv_band` over the query tiles ``[i_lo, i_hi)`` of ``n_heads``
-    heads (one flat loop, as :func:`attn_bwd_dkdv_heads`)."""
+    heads (one flat loop, as :func:`attn_bwd_dkdv_heads`).  ``MASKED``: the row test of ``SIDE``
+    (:func:`_in_side`, on the query columns of the transposed tile); a left-edge loop (``SIDE == 1``)
+    drops the query rows at or after ``r_end`` through their lse (loaded as ``+inf``: ``p = 0``, and
+    ``delta`` as 0), one test per row instead of one per score."""
     o_r = tl.arange(0, BLOCK_M)  # [BM] row offsets inside a tile
     if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
-        c_lo, c_span = _row_interval(o_j, after, before, r_begin, r_end)
+        c_lo, c_span = _edge_bounds(o_j, after, before, r_begin, r_end, SIDE)
     n_blk = tl.cdiv(tl.maximum(i_hi - i_lo, 0), BLOCK_M)
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
         i0 = i_lo + (it // n_heads) * BLOCK_M
         if MASKED:  # clamped rows: loads in bounds; rows outside [r_begin, r_end) are outside every interval
-            o_pos = (pos_offset + _clamp_index(i0 + o_r, r_begin, r_end) * pos_step).to(tl.int64)
+            if SIDE == 1:  # the tile lies at or after 0; rows past r_end: lse = +inf below
+                o_pos = (pos_offset + tl.minimum(i0 + o_r, r_end - 1) * pos_step).to(tl.int64)
+            else:
+                o_pos = (pos_offset + _edge_index(i0 + o_r, r_begin, r_end, SIDE) * pos_step).to(tl.int64)
         else:
             o_pos = (pos_offset + (i0 + o_r) * pos_step).to(tl.int64)
         b_q = tl.load(p_q + i_h * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :])  # [BM, D]
         b_do = tl.load(p_do + i_h * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
-        b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos, stride_ln,
-                                            stride_dn, o_r >= 0, False, USE_EXP2)
+        if MASKED and SIDE == 1:
+            b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos,
+                                                stride_ln, stride_dn, i0 + o_r < r_end, True, USE_EXP2)
+        else:
+            b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos,
+                                                stride_ln, stride_dn, o_r >= 0, False, USE_EXP2)
         if MASKED:
             b_st = _masked_scores(_mm(b_k, tl.trans(b_q), None), o_r, c_lo - i0, c_span, qk_scale, qk_scale_lo,
-                                  EXACT_SCALE)  # [BN, BM]
+                                  EXACT_SCALE, SIDE)  # [BN, BM]
         else:
             b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
         b_pt = _exp(b_st - b_lse[None, :], USE_EXP2)  # [BN, BM]
@@ -925,11 +1130,15 @@ def attn_bwd_dkdv_band(
     BLOCK_M: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
     DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, drop_row_off=0,
+    ONE_SIDED: tl.constexpr = False,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]`` (indices ``o_j``)
     over the whole band walk of query tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)``
     unmasked, ``[full_hi, hi)`` masked, summed over ``n_heads`` query heads (arguments, masks and
-    dropout as :func:`attn_bwd_dkdv_heads`; ``before``/``after`` scalars or ``[BN, 1]``)."""
+    dropout as :func:`attn_bwd_dkdv_heads`; ``before``/``after`` scalars or ``[BN, 1]``).
+    ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided edges" above
+    :func:`_i64`; the query rows past ``r_end`` drop out through their lse, so no tile of the left edge
+    needs both bounds); ignored with dropout."""
     if DROPOUT:  # attn_bwd_dkdv_heads: the dropout variant spilled 24 B with the band tiles (sm_90, D = 64)
         b_dk, b_dv = attn_bwd_dkdv_heads(
             b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
@@ -954,7 +1163,8 @@ def attn_bwd_dkdv_band(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            1 if ONE_SIDED else 0)
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,
@@ -964,7 +1174,8 @@ def attn_bwd_dkdv_band(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_hi, hi, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            2 if ONE_SIDED else 0)
     return b_dk, b_dv
 
 

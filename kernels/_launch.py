@@ -5,6 +5,7 @@ launchers; what a launcher does around a launch that is not specific to one fami
 that no family imports plumbing from another one (``tests/test_kernel_structure.py`` checks it):
 
 * block sizes under the interpreter: :data:`INTERPRET_BLOCKS`, :func:`_meta_for` / :func:`_meta`;
+* the band walk's one-sided edges (``ONE_SIDED``): :func:`_one_sided_for`, :func:`_segment_one_sided_for`;
 * kernel arguments: :func:`_strides`, :func:`_mask_u8` / :func:`_mask_arg`, :func:`_global_keys_arg`,
   :func:`_scale_args`, :func:`_bwd_common`, :func:`_dropout_args` / :func:`_token_dropout_args`,
   :func:`_drop_offset_args` / :func:`_drop_cols_arg` (positions of a call on part of a sequence);
@@ -63,6 +64,81 @@ def _meta_for(namespace: dict) -> Callable[[str], dict]:
         return _meta(kind, namespace["INTERPRET_BLOCKS"])
     meta.__name__ = meta.__qualname__ = "_meta"
     return meta
+
+
+# --------------------------------------------------------------------------------------
+# one-sided band edges (the ONE_SIDED constexpr of the band walk, kernels/_core.py)
+# --------------------------------------------------------------------------------------
+
+
+def _left_edge_one_sided(before: int, after: int, block_self: int, block_other: int) -> bool:
+    """Whether every tile of the left masked edge ``[lo, full_lo)`` of :func:`._core.block_range` (rows
+    ``[s, s + block_self)``, ``s`` a multiple of ``block_self``; row ``i`` sees ``i - before <= j <= i + after``)
+    lies at or before the *first* row's last column ``s + after``, so that only the lower bound can cut
+    through it: ``full_lo = ceil((s + block_self - 1 - before) / block_other) * block_other <= s + after + 1``
+    for every block start.  That bound minus ``s`` depends only on ``s mod block_other``, so the residues
+    of the block starts decide it (block sizes are powers of two).  The right edge ``[full_hi, hi)``
+    starts at or after ``full_lo``, past every row's first column: it needs no condition."""
+    for r in range(0, max(block_self, block_other), block_self):
+        first = r + block_self - 1 - before  # the last row's first column, relative to this start
+        if -(-first // block_other) * block_other > r + after + 1:
+            return False
+    return True
+
+
+def _one_sided_for(namespace: dict) -> Callable[..., dict]:
+    """A sliding-window family module's ``_one_sided(kind, left, right, chunk=0, dense=False, head_dim=64)``:
+    ``{"ONE_SIDED": bool}`` for a launch of kernel ``kind`` with the (clamped) window ``(left, right)`` and key
+    chunks starting at multiples of ``chunk`` (0: one chunk, starting at 0).  True when it holds for *every*
+    tile shape the launch may run
+    (the module's ``INTERPRET_BLOCKS[kind]`` under the interpreter, else every candidate of the autotuner, so
+    that the config the autotuner picks cannot matter):
+
+    * fwd / dq (rows: query tiles ``BLOCK_M``; the walk crosses key tiles ``BLOCK_N``): the left edge is
+      one-sided (:func:`_left_edge_one_sided` with ``before = left``); chunks start on a tile boundary; and
+      ``left >= BLOCK_N - 2``: a sequence's last key tile moves to the right edge
+      (:func:`._core._one_sided_split`), where it may only fail the upper bound -- a row ``i <= n - 1`` has
+      its first key ``i - left`` at or before that tile's start ``> n - BLOCK_N``.
+    * dk/dv (rows: key tiles ``BLOCK_N``; the walk crosses query tiles ``BLOCK_M``; ``before = right``): the
+      left edge is one-sided (the query rows past the sequence drop out through their lse there).
+
+    A dense pass (``left = right = Nq + Nk``) qualifies too, but for its forward and dq (key chunks: they
+    would need tile-aligned chunks) the only masked tiles are the chunk edges: ``dense`` (and
+    ``head_dim > 128``) keep the two-sided test, which compiled better there on sm_90 (``bench.sm90
+    --full``: the dense forward took 138 registers instead of 128, 8 warps/SM instead of 16; the D = 256
+    dq's unmasked tile 336 instructions instead of 305).  The dense dk/dv pass is one-sided (the same
+    kernel as the band pass's)."""
+    def one_sided(kind: str, left: int, right: int, chunk: int = 0, dense: bool = False, head_dim: int = 64) -> dict:
+        if dense or head_dim > 128:  # see the docstring: no gain there, and it cost registers / instructions
+            return {"ONE_SIDED": False}
+        shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
+            [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES)]
+        if kind == "dkdv":
+            ok = all(_left_edge_one_sided(right, left, bn, bm) for bm, bn in shapes)
+        else:
+            ok = all(_left_edge_one_sided(left, right, bm, bn) and left >= bn - 2 and chunk % bn == 0
+                     for bm, bn in shapes)
+        return {"ONE_SIDED": ok}
+    one_sided.__name__ = one_sided.__qualname__ = "_one_sided"
+    return one_sided
+
+
+def _segment_one_sided_for(namespace: dict) -> Callable[[str, Optional[int]], dict]:
+    """The segment family's ``_one_sided(kind, seg_size)``: ``{"ONE_SIDED": bool}``, True for fixed segments
+    (``seg_size``; None for per-token bounds: False) that are a multiple of the tile the walk crosses and
+    at least as long as the tile a program owns, for every tile shape the launch may run (as
+    :func:`_one_sided_for`).  A block then spans at most two segments whose boundary is a tile boundary:
+    the left edge holds the first segment's keys (the second one's rows fail only their lower bound),
+    the right edge the second one's."""
+    def one_sided(kind: str, seg_size: Optional[int]) -> dict:
+        if seg_size is None:
+            return {"ONE_SIDED": False}
+        shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
+            [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES)]
+        pairs = [(bn, bm) if kind == "dkdv" else (bm, bn) for bm, bn in shapes]  # (tile owned, tile crossed)
+        return {"ONE_SIDED": all(seg_size % other == 0 and seg_size >= own for own, other in pairs)}
+    one_sided.__name__ = one_sided.__qualname__ = "_one_sided"
+    return one_sided
 
 
 # --------------------------------------------------------------------------------------

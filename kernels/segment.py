@@ -46,14 +46,15 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
                     attn_bwd_load_rows, attn_fwd_band, attn_fwd_finalize, attn_fwd_list, bwd_preprocess,
                     dropout_head_key, dropout_load, dropout_row_keys, next_power_of_2, _scale)
 from ._launch import (INTERPRET_BLOCKS, _bwd_common, _check_qkv, _dkdv_configs, _drop_cols_arg, _drop_offset_args,
-                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _scale_args, _strides, _token_dropout_args,
-                      _tuned)
+                      _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _scale_args, _segment_one_sided_for,
+                      _strides, _token_dropout_args, _tuned)
 # The gradient of the keys every row sees is a whole pass of the sliding-window family (public).
 from .sliding_window import add_global_key_grads
 
 __all__ = ["segment_fwd", "segment_bwd", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
 _meta = _meta_for(globals())  # block sizes under the interpreter: this module's INTERPRET_BLOCKS
+_one_sided = _segment_one_sided_for(globals())  # the band walk's one-sided edges (fixed, tile-aligned segments)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def _segment_block_range(start_first, end_first, start_last, end_last, BLOCK_OTH
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"], kind="fwd")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd")
 @triton.jit
 def _seg_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END, DROP, DCOL,
@@ -113,6 +114,7 @@ def _seg_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_COLS: tl.constexpr,
+    ONE_SIDED: tl.constexpr,
 ):
     # program -> query block i_m; head; batch row
     i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -155,7 +157,9 @@ def _seg_fwd_kernel(
         o_d * stride_vd, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after, qk_scale, qk_scale_lo,
         BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
         DROPOUT=DROPOUT,
-        RANGE_LOOPS=not FIXED)  # per-token bounds: 128 registers (16 warps/SM at 8 warps) instead of 160
+        # per-token bounds: 128 registers (16 warps/SM at 8 warps) instead of 160; a key mask: 125 instead of
+        # 163 on the one-sided band tiles (sm_90, D = 64)
+        RANGE_LOOPS=not FIXED or HAS_KMASK, ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         acc, m_i, l_i = attn_fwd_list(
             acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
@@ -175,7 +179,7 @@ def _seg_fwd_kernel(
     tl.store(p_l + o_m * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT"], kind="dq")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="dq")
 @triton.jit
 def _seg_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, SEG_START, SEG_END, DROP, DCOL,
@@ -192,7 +196,7 @@ def _seg_bwd_dq_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    DROPOUT: tl.constexpr, DROP_COLS: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // heads_per_kv
@@ -235,7 +239,8 @@ def _seg_bwd_dq_kernel(
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
         qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off,
         drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
-        RANGE_LOOPS=HEAD_DIM > 128)  # D = 256 (mma.sync tiles): unmasked tile 309 SASS vs 366 with the band tiles
+        RANGE_LOOPS=HEAD_DIM > 128,  # D = 256 (mma.sync tiles): unmasked tile 309 SASS vs 366 with the band tiles
+        ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
@@ -250,7 +255,7 @@ def _seg_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT"], kind="dkdv")
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT", "ONE_SIDED"], kind="dkdv")
 @triton.jit
 def _seg_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, SEG_START, SEG_END, DROP,
@@ -268,6 +273,7 @@ def _seg_bwd_dkdv_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
+    ONE_SIDED: tl.constexpr,
 ):
     # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
     i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -308,7 +314,7 @@ def _seg_bwd_dkdv_kernel(
         o_d * stride_qd, o_d * stride_dod, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
         qk_scale, qk_scale_lo, BLOCK_M, EXACT_SCALE, USE_EXP2, b_kcol=o_pk + drop_col_off, drop_seed=drop_seed,
         drop_bh0=i_b * heads_per_kv * tl.num_programs(1), drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, drop_row_off=drop_row_off)
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED)
 
     # keys the segment pass does not see (padding, global) get nothing from it
     m_key = m_n
@@ -352,6 +358,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_size: Opti
                    else type(t).__name__)
             raise ValueError(f"segment_bounds {name} must be a [B, N] = {(b, n)} int64/int32 tensor on "
                              f"{q.device}, got {got}")
+
+
+def _fixed(q: torch.Tensor, segment_size: Optional[int]) -> Optional[int]:
+    """The kernels' fixed segment size (``seg_size`` of :func:`_segment_args`), None for per-token bounds."""
+    return None if segment_size is None else min(segment_size, q.shape[2])
 
 
 def _segment_args(segment_size: Optional[int], segment_bounds, q: torch.Tensor) -> dict:
@@ -430,6 +441,7 @@ def segment_fwd(
         **_strides("g", gidx, "bn"), n=n, n_glob=n_glob, heads_per_kv=h // h_kv, **_scale_args(scale, q),
         HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_KMASK=key_mask is not None, HAS_GLOBAL=n_glob > 0,
         **_segment_args(segment_size, segment_bounds, q), **drop, **_meta("fwd"),
+        **_one_sided("fwd", _fixed(q, segment_size)),
     )
     return out, lse
 
@@ -484,6 +496,7 @@ def segment_bwd(
     _seg_bwd_dq_kernel[grid_dq](
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq, GIDX=gidx, **_strides("dq", dq),
         **_strides("g", gidx, "bn"), n=n, n_glob=n_glob, HAS_GLOBAL=n_glob > 0, **kw, **cols, **_meta("dq"),
+        **_one_sided("dq", _fixed(q, segment_size)),
     )
 
     # dk, dv: one program per key block and kv head (segment part)
@@ -495,7 +508,7 @@ def segment_bwd(
 
     _seg_bwd_dkdv_kernel[grid_kv](
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, **_strides("dk", dk), **_strides("dv", dv),
-        n=n, **kw, **_meta("dkdv"),
+        n=n, **kw, **_meta("dkdv"), **_one_sided("dkdv", _fixed(q, segment_size)),
     )
 
     if n_glob > 0:  # the global keys are seen by every (local) row

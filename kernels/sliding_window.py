@@ -52,8 +52,8 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
                     bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys,
                     merge_partials, next_power_of_2, sum_partial_rows, _scale)
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _drop_cols_arg,
-                      _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg, _mask_arg, _meta_for, _pruner,
-                      _scale_args, _split_for, _strides, _tuned)
+                      _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg, _mask_arg, _meta_for,
+                      _one_sided_for, _pruner, _scale_args, _split_for, _strides, _tuned)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -61,6 +61,7 @@ __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "
 # INTERPRET_SPLIT_CHUNK (module attributes, so that tests can change them for this family)
 _meta = _meta_for(globals())
 _split = _split_for(globals())
+_one_sided = _one_sided_for(globals())  # the band walk's one-sided edges, from this module's INTERPRET_BLOCKS
 
 
 # --------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def _dropout_rows(DROP, p_drow, o_pos, m_rows, i_bh, DROP_ROWS: tl.constexpr, ro
     return drop_thresh, dropout_row_keys(dropout_head_key(drop_seed, i_bh), o_tok + row_off)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"], kind="fwd")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd")
 @triton.jit
 def _sw_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW, DCOL,
@@ -97,7 +98,7 @@ def _sw_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
-    DROP_COLS: tl.constexpr,
+    DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     # program -> (query block i_m, key chunk i_s, residue i_r); heads; batch
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -138,7 +139,7 @@ def _sw_fwd_kernel(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
         BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
-        DROPOUT=DROPOUT)
+        DROPOUT=DROPOUT, ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         # keys every row sees, at absolute positions (never split: n_split == 1 here)
         acc, m_i, l_i = attn_fwd_list(
@@ -159,7 +160,7 @@ def _sw_fwd_kernel(
     tl.store(p_l + o_pq * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT"], kind="dq")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="dq")
 @triton.jit
 def _sw_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, DROP, DROW, DCOL,
@@ -175,7 +176,7 @@ def _sw_bwd_dq_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, DROP_COLS: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_r = i_blk % dilation
@@ -216,7 +217,8 @@ def _sw_bwd_dq_kernel(
         b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
         qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off,
-        drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+        drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
+        ONE_SIDED=ONE_SIDED)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
@@ -231,7 +233,7 @@ def _sw_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT"], kind="dkdv")
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED"], kind="dkdv")
 @triton.jit
 def _sw_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, DROP, DROW,
@@ -248,7 +250,7 @@ def _sw_bwd_dkdv_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, ONE_SIDED: tl.constexpr,
 ):
     # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
     i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -291,7 +293,7 @@ def _sw_bwd_dkdv_kernel(
         BLOCK_M, EXACT_SCALE, USE_EXP2,
         b_kcol=o_pk + drop_col_off, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh,
         drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS,
-        drop_row_off=drop_row_off)
+        drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED)
 
     m_key = m_n
     if HAS_KMASK:
@@ -389,7 +391,8 @@ def _sw_bwd_dkdv_global_kernel(
         r_full, r_end, r_begin, r_end, 0, 1, everything, everything, qk_scale, qk_scale_lo,
         BLOCK_M, True, EXACT_SCALE, USE_EXP2,
         b_kcol=b_kcol, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS, drop_row_off=drop_row_off)
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS, drop_row_off=drop_row_off,
+        BAND=False)  # the rows past r_end drop out through their lse: no test per score
 
     b_dk = tl.where(m_key[:, None], _scale(b_dk, sm_scale, sm_scale_lo, EXACT_SCALE), 0.0)
     b_dv = tl.where(m_key[:, None], b_dv, 0.0)
@@ -515,13 +518,15 @@ def sliding_window_fwd(
     def grid(meta):
         return (triton.cdiv(triton.cdiv(nq, dilation), meta["BLOCK_M"]) * dilation * n_split, h, b)
 
+    band = _band_args(window, dilation, nq, nk)
     _sw_fwd_kernel[grid](
         Q=q, K=k, V=v, O=o_dst, LSE=l_dst, QM=qm, GIDX=gidx,
         **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("o", o_dst, "sbhnd"),
         **_strides("l", l_dst, "sbhn"), stride_qmb=s_qmb, stride_qmn=s_qmn, **_strides("g", gidx, "bn"),
         n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
-        **_band_args(window, dilation, nq, nk), **_key_mask_args(key_mask, q), **_scale_args(scale, q),
+        **band, **_key_mask_args(key_mask, q), **_scale_args(scale, q),
         HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_GLOBAL=n_glob > 0, **drop, **_meta("fwd"),
+        **_one_sided("fwd", band["left"], band["right"], chunk if n_split > 1 else 0, window is None, d),
     )
     if n_split > 1:  # each chunk's output is already dropped with its own columns
         merge_partials(o_dst, l_dst, out, lse)
@@ -600,6 +605,7 @@ def _bwd_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tenso
         **_strides("dq", dq_dst, "sbhnd"), **_strides("g", gidx, "bn"),
         n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
         HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"),
+        **_one_sided("dq", kw["left"], kw["right"], chunk if n_split > 1 else 0, window is None, d),
     )
     if n_split > 1:
         sum_partial_rows(dq_dst, dq)
@@ -623,6 +629,7 @@ def _bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv,
         **_strides("dk", dk), **_strides("dv", dv),
         n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"),
+        **_one_sided("dkdv", kw["left"], kw["right"], 0, False, q.shape[3]),  # dense too: the base variant
     )
     return dk, dv
 
