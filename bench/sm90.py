@@ -1,6 +1,6 @@
 """Static sm_90 (H100) report of every lhattn Triton kernel, without a GPU or a driver.
 
-    python -m bench.sm90 [--quick | --full] [--out DIR] [--family sliding_window,segment,lsg]
+    python -m bench.sm90 [--quick | --full | --variants] [--out DIR] [--family sliding_window,segment,lsg]
                          [--kernel lsg_fwd,...] [--head-dim 64,128]
 
 How: the real launchers (:mod:`kernels.sliding_window`, :mod:`kernels.segment`, :mod:`kernels.lsg`)
@@ -624,11 +624,15 @@ def matrix(mode: str, families: Iterable[str]):
     full: every kernel and every kept config at bf16, D = 64 and 128 (base variant); the first kept
     config (the autotuner's first candidate) of every kernel for fp16 (and of the kernels a family
     borrows from another one or from ``_core``) (D = 64, 128), for every flag
-    variant (bf16, D = 64) and for D = 16, 32, 256 (bf16).  The whole cartesian product (every kept
+    variant (bf16, D = 64) and for D = 16, 32, 256 (bf16).  variants: the first kept config of every
+    kernel in every flag variant, bf16 and fp16, per head dim.  The whole cartesian product (every kept
     config x dtype x head dim x flags) is ~2000 compiles: hours on a 2-core machine, so it is not a
     mode; a config filter of an int ``k`` keeps the first ``k`` kept configs of each launch."""
     if mode in ("quick", "ci"):
         return [m for m in (QUICK if mode == "quick" else CI) if m[0] in families]
+    if mode == "variants":  # the flag variants at every head dim (run() restricts them to --head-dim)
+        return [(fam, dt, d, v, None, 1) for d in (256, 128, 64, 32, 16) for fam in families
+                for v in FAMILIES[fam][1] for dt in (torch.bfloat16, torch.float16)]
     out = []  # the most telling records first: a run cut short still has them
     for d in (64, 128):
         out += [(fam, torch.bfloat16, d, "base", None, None) for fam in families]
@@ -908,6 +912,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--full", action="store_true", help="every kept config (bf16, D 64/128) and a config of every "
                    "dtype, head dim and flag variant (see matrix())")
     g.add_argument("--ci", action="store_true", help="three variants (the CI test's set)")
+    g.add_argument("--variants", action="store_true", help="the first kept config of every kernel in every flag "
+                   "variant, bf16 and fp16, at --head-dim (default 256)")
     p.add_argument("--family", default="sliding_window,segment,lsg")
     p.add_argument("--kernel", default=None, help="comma-separated kernel names to compile (e.g. lsg_fwd,lsg_bwd_dq; "
                    "default: all of the mode's)")
@@ -931,7 +937,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("ptxas not found (triton/backends/nvidia/bin or PATH): cannot compile for sm_90", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    mode = "full" if args.full else ("ci" if args.ci else "quick")
+    mode = "full" if args.full else ("ci" if args.ci else ("variants" if args.variants else "quick"))
     families = [f for f in args.family.split(",") if f]
     for f in families:
         if f not in FAMILIES:
@@ -956,6 +962,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     kernels_only = [k for k in args.kernel.split(",") if k] if args.kernel else None
     try:
         dims = [int(x) for x in args.head_dim.split(",") if x] if args.head_dim else None
+        if dims is None and mode == "variants":
+            dims = [256]
     except ValueError:
         p.error(f"--head-dim: expected comma-separated integers, got {args.head_dim!r}")
     records = run(mode, families, log=lambda s: print(s, flush=True), reference=not args.no_reference,

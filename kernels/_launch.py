@@ -127,14 +127,14 @@ def _segment_one_sided_for(namespace: dict) -> Callable[[str, Optional[int]], di
     """The segment family's ``_one_sided(kind, seg_size)``: ``{"ONE_SIDED": bool}``, True for fixed segments
     (``seg_size``; None for per-token bounds: False) that are a multiple of the tile the walk crosses and
     at least as long as the tile a program owns, for every tile shape the launch may run (as
-    :func:`_one_sided_for`).  A block then spans at most two segments whose boundary is a tile boundary:
+    :func:`_one_sided_for`; :data:`_D256_SHAPE` included).  A block then spans at most two segments whose boundary is a tile boundary:
     the left edge holds the first segment's keys (the second one's rows fail only their lower bound),
     the right edge the second one's."""
     def one_sided(kind: str, seg_size: Optional[int]) -> dict:
         if seg_size is None:
             return {"ONE_SIDED": False}
         shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
-            [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES)]
+            [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES) + [_D256_SHAPE[kind]]]
         pairs = [(bn, bm) if kind == "dkdv" else (bm, bn) for bm, bn in shapes]  # (tile owned, tile crossed)
         return {"ONE_SIDED": all(seg_size % other == 0 and seg_size >= own for own, other in pairs)}
     one_sided.__name__ = one_sided.__qualname__ = "_one_sided"
@@ -349,9 +349,24 @@ _LSG_CAUSAL_LOCAL_DKDV_BUDGET = 120
 128, took 255 registers and spilled 16 B causal, 248 and none otherwise); ``kernels/lsg.py`` imports it
 as ``_CAUSAL_LOCAL_DKDV_BUDGET``."""
 
-_LSG_D256_SHAPE = {"fwd": (16, 16, 2, 1), "dq": (64, 16, 4, 2), "dkdv": (16, 16, 2, 2)}
-"""The one LSG config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps, stages): the fewest
-spill bytes of the shapes compiled for sm_90 (``python -m bench.sm90 --family lsg --head-dim 256``)."""
+_D256_SHAPE = {"fwd": (64, 16, 4, 2), "dq": (64, 16, 4, 2), "dkdv": (32, 32, 4, 2)}
+"""The one sliding-window / segment config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps,
+stages), where the register model underestimates: compiled for sm_90 in every flag variant, bf16 and
+fp16 (``bench/results/sm90-static-20261203/d256``), these spill nothing (but see
+:data:`_D256_NARROW_DKDV`) and the forward and dq run on wgmma.  The 32x32/4w forward / dq tile the
+pruner chose before spilled up to 80 B (dq with dropout), and 32x16/4w or 16x32/4w ones 8-16 B (ptxas
+capped them at 128-168 registers)."""
+
+_D256_NARROW_DKDV = (16, 32, 4, 2)
+"""The dk/dv shape at D >= 256 where :data:`_D256_SHAPE`'s 32x32/4w spilled on sm_90: the dilated
+sliding window (208 B) and the global keys' kernel (40 B in LSG's launch).  It costs more SASS per
+score (2.6 against 1.7 for 32x32/4w, unmasked, base variant) and spills nothing in any variant;
+``kernels/sliding_window.py`` picks it."""
+
+_LSG_D256_SHAPE = {"fwd": (16, 16, 2, 1), "dq": (64, 16, 4, 2), "dkdv": (32, 16, 4, 2)}
+"""The one LSG config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps, stages): no spills in
+any flag variant, bf16 and fp16, compiled for sm_90 (``bench/results/sm90-static-20261203/d256``; the
+16x16/2w dk/dv tile chosen before spilled 164 B local, 84 B sparse)."""
 
 
 def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, elem: int) -> tuple:
@@ -386,7 +401,7 @@ def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[
     Options (LSG, :func:`_lsg_tuned`): ``tile``/``bound``: the ``tile`` axis (the one a program owns) not
     much longer than the launch argument ``bound`` (an LSG block, ``Tc``); ``causal_budget`` replaces the
     budget of a ``CAUSAL`` launch; ``d256``: the one shape kept at D >= 256 per kind, where the register
-    model underestimates (or the smallest tile)."""
+    model underestimates (default :data:`_D256_SHAPE`; it need not be one of ``configs``)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
@@ -405,8 +420,8 @@ def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[
             return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
                     and (cap is None or c.kwargs[tile] <= cap))
         smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
-        if d256 is not None and d >= 256:  # the register model underestimates here: the tile measured best
-            return [c for c in configs if _shape(c) == d256[kind]] or [smallest]
+        if d >= 256:  # the register model underestimates here: the tile measured best
+            return _configs([(_D256_SHAPE if d256 is None else d256)[kind]])
         kept = [c for c in configs if fits(c)]
         if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
             kept = [c for c in kept if rows(c) >= 64]

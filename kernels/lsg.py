@@ -1481,12 +1481,18 @@ class _BwdTensors:
         self.dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
+_GLOBAL_ROWS_DKDV_BN_WIDE = 16
+"""Keys per program of :func:`_global_rows_dkdv` at D > 128 (64 up to D = 128): ``dk, dv [BLOCK_N, D]``
+stay in registers (sm_90, ``bench/results/sm90-static-20261203/d256``: 64 keys on 4 warps took 247
+registers and spilled 1080 B at D = 256; 16 keys take 85-87 and spill nothing)."""
+
+
 def _global_rows_dkdv(a, t):
     """The global rows' share of dk/dv over every key (non-causal, ``g <=`` :data:`GLOBAL_ROWS_MAX`):
     ``dk, dv [B, H_kv, N, D]`` in k's dtype, one program per ``BLOCK_N`` keys."""
     b, h, n, d = t.q.shape
     bm, _, warps, stages = _global_rows_blocks(a.g, d)
-    bn = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 64
+    bn = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else (64 if d <= 128 else _GLOBAL_ROWS_DKDV_BN_WIDE)
     dk = torch.empty(t.k.shape, dtype=t.k.dtype, device=t.k.device)
     dv = torch.empty(t.v.shape, dtype=t.v.dtype, device=t.v.device)
     _lsg_global_rows_dkdv_kernel[(triton.cdiv(n, bn), a.h_kv, b)](

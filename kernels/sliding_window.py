@@ -51,7 +51,8 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
                     attn_bwd_dq_list, attn_bwd_load_rows, attn_fwd_band, attn_fwd_finalize, attn_fwd_list, block_range,
                     bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys,
                     merge_partials, next_power_of_2, sum_partial_rows, _scale)
-from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _bwd_common, _check_qkv, _dkdv_configs, _drop_cols_arg,
+from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _D256_NARROW_DKDV, _bwd_common, _check_qkv, _configs,
+                      _dkdv_configs, _drop_cols_arg,
                       _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg, _mask_arg, _meta_for,
                       _one_sided_for, _pruner, _scale_args, _split_for, _strides, _tuned)
 
@@ -233,7 +234,23 @@ def _sw_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED"], kind="dkdv")
+def _band_dkdv_tuning(fn):
+    """Autotuning of :func:`_sw_bwd_dkdv_kernel`: the dk/dv pruner, keyed on the dilation too: at
+    D >= 256 a dilated band takes :data:`_D256_NARROW_DKDV` (16x32/4w), where the 32x32/4w tile of
+    :data:`_D256_SHAPE` spilled 208 B on sm_90 (``bench/results/sm90-static-20261203/d256``)."""
+    if INTERPRET:
+        return fn
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        if args["HEAD_DIM"] >= 256 and args["dilation"] != 1:
+            return _configs([_D256_NARROW_DKDV])
+        return _pruner("dkdv")(configs, named_args, **kwargs)
+    return triton.autotune(configs=_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "dilation"],
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+@_band_dkdv_tuning
 @triton.jit
 def _sw_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, DROP, DROW,
@@ -311,12 +328,15 @@ def _sw_bwd_dkdv_kernel(
 def _global_key_tuning(fn):
     """Autotuning of :func:`_sw_bwd_dkdv_global_kernel`: for at most 32 listed keys, only the dk/dv
     configs of 32-key tiles (LSG's one global token no longer costs a 128-slot tile; a 16-slot
-    64x16/4w tile spilled 8 B with dropout on sm_90, 32x32/4w none); then the dk/dv pruner."""
+    64x16/4w tile spilled 8 B with dropout on sm_90, 32x32/4w none); then the dk/dv pruner.  At D >= 256
+    :data:`_D256_NARROW_DKDV` (16x32/4w): 32x32/4w spilled 40 B there in LSG's launch."""
     if INTERPRET:
         return fn
     configs = _dkdv_configs()
 
     def prune(configs, named_args, **kwargs):
+        if {**named_args, **kwargs}["HEAD_DIM"] >= 256:
+            return _configs([_D256_NARROW_DKDV])
         if int({**named_args, **kwargs}["n_glob"]) <= 32:
             configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
         return _pruner("dkdv")(configs, named_args, **kwargs)
