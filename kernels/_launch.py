@@ -127,9 +127,9 @@ def _segment_one_sided_for(namespace: dict) -> Callable[[str, Optional[int]], di
     """The segment family's ``_one_sided(kind, seg_size)``: ``{"ONE_SIDED": bool}``, True for fixed segments
     (``seg_size``; None for per-token bounds: False) that are a multiple of the tile the walk crosses and
     at least as long as the tile a program owns, for every tile shape the launch may run (as
-    :func:`_one_sided_for`; :data:`_D256_SHAPE` included).  A block then spans at most two segments whose boundary is a tile boundary:
-    the left edge holds the first segment's keys (the second one's rows fail only their lower bound),
-    the right edge the second one's."""
+    :func:`_one_sided_for`; :data:`_D256_SHAPE` included).  A block then spans at most two segments
+    whose boundary is a tile boundary: the left edge holds the first segment's keys (the second one's
+    rows fail only their lower bound), the right edge the second one's."""
     def one_sided(kind: str, seg_size: Optional[int]) -> dict:
         if seg_size is None:
             return {"ONE_SIDED": False}
