@@ -295,11 +295,6 @@ def _configs(shapes) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
-def _shape(c) -> tuple:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of a config."""
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-
-
 _FWD_SHAPES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 2),
                (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2)]
 """Forward / dq candidates of the sliding-window and segment kernels, best first."""
@@ -419,13 +414,13 @@ def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[
                                     elem)
             return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
                     and (cap is None or c.kwargs[tile] <= cap))
-        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
         if d >= 256:  # the register model underestimates here: the tile measured best
             return _configs([(_D256_SHAPE if d256 is None else d256)[kind]])
         kept = [c for c in configs if fits(c)]
         if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
             kept = [c for c in kept if rows(c) >= 64]
-        return kept or [smallest]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps,
+                                                     c.num_stages))]
     return prune
 
 

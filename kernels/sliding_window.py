@@ -234,23 +234,28 @@ def _sw_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-def _band_dkdv_tuning(fn):
-    """Autotuning of :func:`_sw_bwd_dkdv_kernel`: the dk/dv pruner, keyed on the dilation too: at
-    D >= 256 a dilated band takes :data:`_D256_NARROW_DKDV` (16x32/4w), where the 32x32/4w tile of
-    :data:`_D256_SHAPE` spilled 208 B on sm_90 (``bench/results/sm90-static-20261203/d256``)."""
-    if INTERPRET:
-        return fn
+def _dkdv_tuning(key, narrow, keep=None):
+    """Autotuning of a sliding-window dk/dv kernel over the dk/dv candidates, keyed on ``key``: at
+    D >= 256, :data:`_D256_NARROW_DKDV` (16x32/4w) for the launches where ``narrow(args)`` holds (there
+    the 32x32/4w tile of :data:`_D256_SHAPE` spilled on sm_90, ``bench/results/sm90-static-20261203/d256``);
+    otherwise the candidates ``keep(configs, args)`` leaves, through the dk/dv pruner."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
 
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        if args["HEAD_DIM"] >= 256 and args["dilation"] != 1:
-            return _configs([_D256_NARROW_DKDV])
-        return _pruner("dkdv")(configs, named_args, **kwargs)
-    return triton.autotune(configs=_dkdv_configs(), key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "dilation"],
-                           prune_configs_by={"early_config_prune": prune})(fn)
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            if args["HEAD_DIM"] >= 256 and narrow(args):
+                return _configs([_D256_NARROW_DKDV])
+            if keep is not None:
+                configs = keep(configs, args)
+            return _pruner("dkdv")(configs, named_args, **kwargs)
+        return triton.autotune(configs=_dkdv_configs(), key=key, prune_configs_by={"early_config_prune": prune})(fn)
+    return wrap
 
 
-@_band_dkdv_tuning
+# the dilated band's dk/dv spilled 208 B on 32x32/4w at D = 256: keyed on the dilation
+@_dkdv_tuning(key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "dilation"], narrow=lambda args: args["dilation"] != 1)
 @triton.jit
 def _sw_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, DROP, DROW,
@@ -325,26 +330,17 @@ def _sw_bwd_dkdv_kernel(
              mask=m_n[:, None])
 
 
-def _global_key_tuning(fn):
-    """Autotuning of :func:`_sw_bwd_dkdv_global_kernel`: for at most 32 listed keys, only the dk/dv
-    configs of 32-key tiles (LSG's one global token no longer costs a 128-slot tile; a 16-slot
-    64x16/4w tile spilled 8 B with dropout on sm_90, 32x32/4w none); then the dk/dv pruner.  At D >= 256
-    :data:`_D256_NARROW_DKDV` (16x32/4w): 32x32/4w spilled 40 B there in LSG's launch."""
-    if INTERPRET:
-        return fn
-    configs = _dkdv_configs()
-
-    def prune(configs, named_args, **kwargs):
-        if {**named_args, **kwargs}["HEAD_DIM"] >= 256:
-            return _configs([_D256_NARROW_DKDV])
-        if int({**named_args, **kwargs}["n_glob"]) <= 32:
-            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-        return _pruner("dkdv")(configs, named_args, **kwargs)
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "DROPOUT", "n_glob"],
-                           prune_configs_by={"early_config_prune": prune})(fn)
+def _at_most_32_key_tiles(configs, args):
+    """For at most 32 listed keys, only the dk/dv configs of 32-key tiles (LSG's one global token no
+    longer costs a 128-slot tile; a 16-slot 64x16/4w tile spilled 8 B with dropout on sm_90, 32x32/4w
+    none)."""
+    if int(args["n_glob"]) <= 32:
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
+    return configs
 
 
-@_global_key_tuning
+# the global keys' dk/dv: 32x32/4w spilled 40 B at D = 256 (LSG's launch), every D >= 256 launch narrows
+@_dkdv_tuning(key=["HEAD_DIM", "DROPOUT", "n_glob"], narrow=lambda args: True, keep=_at_most_32_key_tiles)
 @triton.jit
 def _sw_bwd_dkdv_global_kernel(
     Q, K, V, DO, LSE, DELTA, DKP, DVP, GIDX, DROP, DROW, DCOL,

@@ -22,7 +22,7 @@ PLUMBING = {
     "INTERPRET_BLOCKS", "INTERPRET_SPLIT_CHUNK", "_meta", "_meta_for", "_split", "_split_for",
     "_strides", "_mask_u8", "_mask_arg", "_global_keys_arg", "_scale_args", "_bwd_common",
     "_dropout_args", "_token_dropout_args", "_seg_dropout_args", "_drop_offset_args", "_drop_cols_arg", "_check_qkv",
-    "_configs", "_shape", "_fwd_configs", "_dkdv_configs", "_tile_cost", "_pruner", "_tuned", "_lsg_tuned",
+    "_configs", "_fwd_configs", "_dkdv_configs", "_tile_cost", "_pruner", "_tuned", "_lsg_tuned",
     "_REG_BUDGET", "_SMEM_BUDGET",
 }
 """Names that are plumbing wherever they appear: defined in ``_launch.py`` (``_seg_dropout_args``, the old
