@@ -487,7 +487,8 @@ def _lsg_plan(c: dict) -> Tuple[str, ...]:
 # which inner loops a kernel has, in program order (before the family's extra loops)
 _BAND3 = ("masked", "unmasked", "masked")
 LOOP_PLAN: Dict[str, Callable[[dict], Tuple[str, ...]]] = {
-    "_sw_fwd_kernel": lambda c: _BAND3 + (("list",) if c.get("HAS_GLOBAL") else ()),
+    "_sw_fwd_kernel": lambda c: (("list",) + _BAND3 if c.get("HEAD_DIM") == 64 else _BAND3 + ("list",))
+    if c.get("HAS_GLOBAL") else _BAND3,  # the listed keys first at D = 64
     "_sw_bwd_dq_kernel": lambda c: _BAND3 + (("list",) if c.get("HAS_GLOBAL") else ()),
     "_sw_bwd_dkdv_kernel": lambda c: _BAND3,
     "_sw_bwd_dkdv_global_kernel": lambda c: ("unmasked", "masked"),
@@ -517,7 +518,7 @@ def label_loops(kernel: str, constants: dict, loops: List[dict]) -> Tuple[Option
         return None, None, f"expected {len(labels)} loops ({','.join(labels)}), found {len(loops)}"
     for lab, loop in zip(labels, loops):
         loop["role"] = lab
-    band = list(zip(labels, loops))[:3]
+    band = [(lab, lp) for lab, lp in zip(labels, loops) if lab in ("masked", "unmasked")][:3]
     masked = [lp["instr"] for lab, lp in band if lab == "masked"]
     unmasked = [lp["instr"] for lab, lp in band if lab == "unmasked"]
     return (max(masked) if masked else None), (unmasked[0] if unmasked else None), ""

@@ -242,12 +242,14 @@ def _in_side(o_j, lo, span, SIDE: tl.constexpr):
     """``[R, C]`` bool: column ``o_j [C]`` passes the band test of a tile: ``SIDE == 0`` inside each row's
     interval (``lo, span`` of :func:`_row_interval`: subtract, unsigned compare, select per element);
     ``SIDE == 1`` at or after the row's first column ``lo``, ``SIDE == 2`` at or before its last column
-    ``lo`` (:func:`_row_bound`; one compare per element, ``span`` unused)."""
+    ``lo`` (:func:`_row_bound`; one compare per element, ``span`` unused); ``SIDE`` 3 / 4 (a dense pass's
+    left / right edge: every row's interval is the key range) inside the scalar interval ``lo, span``, a
+    ``[1, C]`` column test."""
     if SIDE == 1:
         return o_j[None, :] >= lo
     elif SIDE == 2:
         return o_j[None, :] <= lo
-    else:
+    else:  # SIDE 3, 4: scalar lo, span (a dense pass): a [1, C] test per column, broadcast over the rows
         return _in_interval(o_j, lo, span)
 
 
@@ -711,6 +713,12 @@ def attn_bwd_dkdv_range(
 #
 # Narrow bands, per-token segment bounds and unaligned chunks keep the two-sided test.  The walk is
 # checked tile by tile in ``tests/test_triton_one_sided.py``.
+#
+# Dense edges (``DENSE``, a launch constexpr of the sliding window's forward and dq): in a dense pass every
+# row's interval is the key chunk ``[k_begin, k_end)``, so a masked tile tests its columns only, against two
+# scalars (``SIDE`` 3 / 4 of :func:`_in_side`: one compare per column, a select per score).  As with
+# ``ONE_SIDED`` the tile holding ``k_end`` moves to the right edge (:func:`_one_sided_split`), so that the
+# left edge's loads lie inside ``[0, k_end)`` and only the right edge's need a predicate.
 
 
 @triton.jit
@@ -742,9 +750,13 @@ def _edge_index(o_j, k_begin, k_end, SIDE: tl.constexpr):
 @triton.jit
 def _edge_bounds(o_i, before, after, k_begin, k_end, SIDE: tl.constexpr):
     """``(lo, span)`` of a masked loop's row test (:func:`_in_side`): the interval of
-    :func:`_row_interval` (``SIDE == 0``) or the one bound of :func:`_row_bound` (``span`` 0, unused)."""
+    :func:`_row_interval` (``SIDE == 0``), the one bound of :func:`_row_bound` (``SIDE`` 1, 2; ``span`` 0,
+    unused), or the key range ``[k_begin, k_end)`` itself as scalars (``SIDE`` 3, 4: a dense pass)."""
     if SIDE == 0:
         r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
+    elif SIDE >= 3:
+        r_lo = k_begin
+        r_span = (k_end - 1 - k_begin).to(tl.uint32, bitcast=True)
     else:
         r_lo = _row_bound(o_i, before, after, k_begin, k_end, SIDE)
         r_span = 0
@@ -779,9 +791,12 @@ def _fwd_masked_tile(
     b_s = _mm(b_q, tl.trans(b_k), None)
     if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
         b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
-    if SIDE != 0 or b_q.shape[1] >= 128:  # column offsets vs lo - j0 (fewer instructions)
+    # the row test: column offsets against lo - j0 (fewer instructions) on one-sided edges and two-sided at
+    # D >= 128; absolute columns elsewhere (fewer registers at D = 64, under the 128 of 16 warps/SM at 8 warps:
+    # two-sided 127 instead of 152, the dense pass's column test 126 instead of 139)
+    if SIDE == 1 or SIDE == 2 or (SIDE == 0 and b_q.shape[1] >= 128):
         b_s = tl.where(_in_side(o_c, r_lo - j0, r_span, SIDE), b_s, float("-inf"))
-    else:  # absolute columns: 25 fewer registers at D = 64 (127, under 128: 16 warps/SM at 8 warps)
+    else:
         b_s = tl.where(_in_interval(j0 + o_c, r_lo, r_span), b_s, float("-inf"))
     if HAS_KEY_MASK:
         if m_ld is None:
@@ -812,7 +827,8 @@ def _fwd_tiles(
     if MASKED and SIDE != 0:
         # one-sided edges advance their pointers one tile per step, as unmasked tiles do (an index j0 in the
         # addresses would widen the loop counter, and the row test, to 64 bits); a left edge lies inside
-        # [0, k_end), a right edge loads with a predicate past k_end
+        # [0, k_end) (columns before k_begin are loaded and fail the test), a right edge loads with a
+        # predicate past k_end
         r_lo, r_span = _edge_bounds(o_i, before, after, k_begin, k_end, SIDE)
         o_pos = (pos_offset + (j_lo + o_c) * pos_step).to(tl.int64)
         p_kt = p_k + o_pos[:, None] * stride_kn + o_kd[None, :]  # [BN, D]
@@ -821,7 +837,7 @@ def _fwd_tiles(
         step = _i64(BLOCK_N * pos_step)
         for j0 in range(j_lo, j_hi, BLOCK_N):
             m_ld = None
-            if SIDE == 2:
+            if SIDE == 2 or SIDE == 4:
                 m_ld = o_c < k_end - j0
             acc, m_i, l_i = _fwd_masked_tile(
                 acc, m_i, l_i, b_q, j0, o_c, r_lo, r_span, p_kt, p_vt, p_kmt,
@@ -873,7 +889,7 @@ def attn_fwd_band(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False, RANGE_LOOPS: tl.constexpr = False,
-    ONE_SIDED: tl.constexpr = False,
+    ONE_SIDED: tl.constexpr = False, DENSE: tl.constexpr = False,
 ):
     """The whole forward band walk of query block ``b_q [BM, D]`` (indices ``o_i [BM]``): key
     tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)`` unmasked, ``[full_hi, hi)`` masked (the
@@ -882,7 +898,11 @@ def attn_fwd_band(
     or ``[BM, 1]``.  Addressing, key mask and dropout as :func:`attn_fwd_range`.  ``RANGE_LOOPS``: walk
     with the :func:`attn_fwd_range` loops (as with dropout or a key mask), for a caller that compiles
     better with them.  ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided
-    edges" above :func:`_i64`); ignored on the ``*_range`` loops."""
+    edges" above :func:`_i64`); ignored on the ``*_range`` loops.  ``DENSE``: the caller's ``before`` and
+    ``after`` reach every key of ``[k_begin, k_end)`` (a dense pass): the masked edges test the key range
+    only, per column (``SIDE`` 3 / 4 of :func:`_in_side`; the tile holding ``k_end`` moves to the right edge as
+    with ``ONE_SIDED``, so that only the right edge's loads need a predicate); ignored on the ``*_range``
+    loops."""
     if DROPOUT or (HAS_KEY_MASK and not ONE_SIDED) or RANGE_LOOPS or b_q.shape[1] > 128:
         # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the dropout and
         # key-padding variants at D = 64, and D = 256 on its mma.sync tiles)
@@ -890,21 +910,28 @@ def attn_fwd_band(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
             EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
-        acc, m_i, l_i = attn_fwd_range(
-            acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo, full_hi,
-            k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KEY_MASK,
-            EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+        if HAS_KEY_MASK or b_q.shape[1] > 128:
+            acc, m_i, l_i = attn_fwd_range(
+                acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo,
+                full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False,
+                HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
+        else:  # the unmasked tiles advance their pointers (bench.sm90: dropout, per-token segment bounds)
+            acc, m_i, l_i = _fwd_tiles(
+                acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo,
+                full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False,
+                HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
         acc, m_i, l_i = attn_fwd_range(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi, hi,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
             EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT)
     else:
-        if ONE_SIDED:  # the tile holding k_end moves from the left edge to the right one
+        if ONE_SIDED or DENSE:  # the tile holding k_end moves from the left edge to the right one
             full_lo, full_hi = _one_sided_split(lo, full_lo, full_hi, k_end, BLOCK_N)
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
-            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 1 if ONE_SIDED else 0)
+            HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT,
+            3 if DENSE else (1 if ONE_SIDED else 0))
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo, full_hi,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False, HAS_KEY_MASK,
@@ -912,7 +939,7 @@ def attn_fwd_band(
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi, hi, k_begin,
             k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK, EXACT_SCALE,
-            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 2 if ONE_SIDED else 0)
+            USE_EXP2, b_rk, col_offset, drop_thresh, DROPOUT, 4 if DENSE else (2 if ONE_SIDED else 0))
     return acc, m_i, l_i
 
 
@@ -967,7 +994,7 @@ def _dq_tiles(
         step = _i64(BLOCK_N * pos_step)
         for j0 in range(j_lo, j_hi, BLOCK_N):
             m_ld = None
-            if SIDE == 2:
+            if SIDE == 2 or SIDE == 4:
                 m_ld = o_c < k_end - j0
             b_dq = _dq_masked_tile(
                 b_dq, b_q, b_do, b_lse, b_delta, j0, o_c, r_lo, r_span, p_kt, p_vt, p_kmt,
@@ -1019,18 +1046,18 @@ def attn_bwd_dq_band(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
-    RANGE_LOOPS: tl.constexpr = False, ONE_SIDED: tl.constexpr = False,
+    RANGE_LOOPS: tl.constexpr = False, ONE_SIDED: tl.constexpr = False, DENSE: tl.constexpr = False,
 ):
     """``dq += dS k`` over the whole band walk (bounds and visibility as :func:`attn_fwd_band`;
     arithmetic, key mask and dropout as :func:`attn_bwd_dq_range`).  ``RANGE_LOOPS``: walk with the
     :func:`attn_bwd_dq_range` loops (as with dropout), for a caller that compiles better with them.
-    ``ONE_SIDED``: as :func:`attn_fwd_band`."""
+    ``ONE_SIDED``, ``DENSE``: as :func:`attn_fwd_band`."""
     if DROPOUT or RANGE_LOOPS:  # the *_range loops: fewer registers with dropout
         b_dq = attn_bwd_dq_range(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
             full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
             HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
-        b_dq = attn_bwd_dq_range(
+        b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd,
             full_lo, full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N,
             False, HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo,
@@ -1040,13 +1067,13 @@ def attn_bwd_dq_band(
             full_hi, hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
             HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT)
     else:
-        if ONE_SIDED:  # as attn_fwd_band
+        if ONE_SIDED or DENSE:  # as attn_fwd_band
             full_lo, full_hi = _one_sided_split(lo, full_lo, full_hi, k_end, BLOCK_N)
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
             full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
             HAS_KEY_MASK, EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
-            1 if ONE_SIDED else 0)
+            3 if DENSE else (1 if ONE_SIDED else 0))
         b_dq = _dq_tiles(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_lo,
             full_hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, False,
@@ -1055,7 +1082,7 @@ def attn_bwd_dq_band(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, full_hi,
             hi, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
             EXACT_SCALE, USE_EXP2, b_rk, col_offset, drop_thresh, drop_scale, drop_scale_lo, DROPOUT,
-            2 if ONE_SIDED else 0)
+            4 if DENSE else (2 if ONE_SIDED else 0))
     return b_dq
 
 

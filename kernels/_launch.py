@@ -102,14 +102,14 @@ def _one_sided_for(namespace: dict) -> Callable[..., dict]:
     * dk/dv (rows: key tiles ``BLOCK_N``; the walk crosses query tiles ``BLOCK_M``; ``before = right``): the
       left edge is one-sided (the query rows past the sequence drop out through their lse there).
 
-    A dense pass (``left = right = Nq + Nk``) qualifies too, but for its forward and dq (key chunks: they
-    would need tile-aligned chunks) the only masked tiles are the chunk edges: ``dense`` (and
-    ``head_dim > 128``) keep the two-sided test, which compiled better there on sm_90 (``bench.sm90
-    --full``: the dense forward took 138 registers instead of 128, 8 warps/SM instead of 16; the D = 256
-    dq's unmasked tile 336 instructions instead of 305).  The dense dk/dv pass is one-sided (the same
-    kernel as the band pass's)."""
+    A dense pass (``left = right = Nq + Nk``) qualifies too, but its forward and dq (key chunks: they
+    would need tile-aligned chunks) have a cheaper test of their own, the ``DENSE`` constexpr of the
+    sliding-window kernels (every row's interval is the chunk: one column test per tile, broadcast over
+    the rows): a ``dense`` launch gets ``ONE_SIDED`` False here, as does ``head_dim > 128`` (there the
+    one-sided tiles compiled worse on sm_90: the D = 256 dq's unmasked tile 336 instructions instead of 305).  The dense dk/dv
+    pass is one-sided (the same kernel as the band pass's)."""
     def one_sided(kind: str, left: int, right: int, chunk: int = 0, dense: bool = False, head_dim: int = 64) -> dict:
-        if dense or head_dim > 128:  # see the docstring: no gain there, and it cost registers / instructions
+        if dense or head_dim > 128:  # see the docstring: the dense pass's own test; D > 128 cost instructions
             return {"ONE_SIDED": False}
         shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
             [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES)]

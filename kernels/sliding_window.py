@@ -84,7 +84,21 @@ def _dropout_rows(DROP, p_drow, o_pos, m_rows, i_bh, DROP_ROWS: tl.constexpr, ro
     return drop_thresh, dropout_row_keys(dropout_head_key(drop_seed, i_bh), o_tok + row_off)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd")
+@triton.jit
+def _fwd_listed_keys(acc, m_i, l_i, b_q, GIDX, DCOL, i_b, stride_gb, stride_gn, stride_dcb, stride_dcn, n_glob,
+                     p_k, p_v, stride_kn, stride_vn, o_kd, o_vd, qk_scale, qk_scale_lo, BLOCK_N: tl.constexpr,
+                     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, b_rk, drop_col_off, drop_thresh,
+                     DROPOUT: tl.constexpr, DROP_COLS: tl.constexpr):
+    """The forward's listed (global) keys of batch row ``i_b``: :func:`._core.attn_fwd_list` over ``GIDX[i_b]``,
+    dropout columns their positions (``+ drop_col_off``) or, with ``DROP_COLS``, ``DCOL[i_b]``."""
+    return attn_fwd_list(
+        acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v, stride_kn, stride_vn,
+        o_kd, o_vd, qk_scale, qk_scale_lo, BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off,
+        drop_thresh=drop_thresh, DROPOUT=DROPOUT, p_col=DCOL + i_b.to(tl.int64) * stride_dcb, stride_col=stride_dcn,
+        LIST_COLS=DROP_COLS)
+
+
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED", "DENSE"], kind="fwd")
 @triton.jit
 def _sw_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW, DCOL,
@@ -99,7 +113,7 @@ def _sw_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr,
-    DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
+    DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr, DENSE: tl.constexpr,
 ):
     # program -> (query block i_m, key chunk i_s, residue i_r); heads; batch
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -134,20 +148,27 @@ def _sw_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
 
+    # keys every row sees, at absolute positions (never split: n_split == 1 here): before the band at D = 64,
+    # where the list's pointers then are dead during the band walk (bench.sm90: 128 registers, 16 warps/SM,
+    # instead of 131 and 8), after it elsewhere (D = 128: 198 registers instead of 206)
+    LIST_FIRST: tl.constexpr = HEAD_DIM == 64
+    if HAS_GLOBAL and LIST_FIRST:
+        acc, m_i, l_i = _fwd_listed_keys(acc, m_i, l_i, b_q, GIDX, DCOL, i_b, stride_gb, stride_gn, stride_dcb,
+                                         stride_dcn, n_glob, p_k, p_v, stride_kn, stride_vn, o_d * stride_kd,
+                                         o_d * stride_vd, qk_scale, qk_scale_lo, BLOCK_N, EXACT_SCALE, USE_EXP2,
+                                         b_rk, drop_col_off, drop_thresh, DROPOUT, DROP_COLS)
     lo, full_lo, full_hi, hi = block_range(i_m * BLOCK_M, left, right, k_begin, k_end, BLOCK_M, BLOCK_N)
     # left band edge (masked), full blocks (no band mask), right band edge (masked)
     acc, m_i, l_i = attn_fwd_band(
         acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
         o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right, qk_scale, qk_scale_lo,
         BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
-        DROPOUT=DROPOUT, ONE_SIDED=ONE_SIDED)
-    if HAS_GLOBAL:
-        # keys every row sees, at absolute positions (never split: n_split == 1 here)
-        acc, m_i, l_i = attn_fwd_list(
-            acc, m_i, l_i, b_q, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob, p_k, p_v,
-            stride_kn, stride_vn, o_d * stride_kd, o_d * stride_vd, qk_scale, qk_scale_lo,
-            BLOCK_N, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off, drop_thresh=drop_thresh,
-            DROPOUT=DROPOUT, p_col=DCOL + i_b.to(tl.int64) * stride_dcb, stride_col=stride_dcn, LIST_COLS=DROP_COLS)
+        DROPOUT=DROPOUT, ONE_SIDED=ONE_SIDED, DENSE=DENSE)
+    if HAS_GLOBAL and not LIST_FIRST:
+        acc, m_i, l_i = _fwd_listed_keys(acc, m_i, l_i, b_q, GIDX, DCOL, i_b, stride_gb, stride_gn, stride_dcb,
+                                         stride_dcn, n_glob, p_k, p_v, stride_kn, stride_vn, o_d * stride_kd,
+                                         o_d * stride_vd, qk_scale, qk_scale_lo, BLOCK_N, EXACT_SCALE, USE_EXP2,
+                                         b_rk, drop_col_off, drop_thresh, DROPOUT, DROP_COLS)
 
     m_row = m_m
     if HAS_QMASK:
@@ -161,7 +182,7 @@ def _sw_fwd_kernel(
     tl.store(p_l + o_pq * stride_ln, b_lse.to(LSE.dtype.element_ty), mask=m_m)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="dq")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED", "DENSE"], kind="dq")
 @triton.jit
 def _sw_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KM, GIDX, DROP, DROW, DCOL,
@@ -178,6 +199,7 @@ def _sw_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, HAS_GLOBAL: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, DROP_COLS: tl.constexpr, ONE_SIDED: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     i_blk, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_r = i_blk % dilation
@@ -219,7 +241,7 @@ def _sw_bwd_dq_kernel(
         o_d * stride_kd, o_d * stride_vd, lo, full_lo, full_hi, hi, k_begin, k_end, i_r, dilation, left, right,
         qk_scale, qk_scale_lo, BLOCK_N, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, col_offset=drop_col_off,
         drop_thresh=drop_thresh, drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT,
-        ONE_SIDED=ONE_SIDED)
+        ONE_SIDED=ONE_SIDED, DENSE=DENSE)
     if HAS_GLOBAL:
         b_dq = attn_bwd_dq_list(
             b_dq, b_q, b_do, b_lse, b_delta, GIDX + i_b.to(tl.int64) * stride_gb, stride_gn, n_glob,
@@ -543,6 +565,7 @@ def sliding_window_fwd(
         **band, **_key_mask_args(key_mask, q), **_scale_args(scale, q),
         HEAD_DIM=d, HAS_QMASK=query_mask is not None, HAS_GLOBAL=n_glob > 0, **drop, **_meta("fwd"),
         **_one_sided("fwd", band["left"], band["right"], chunk if n_split > 1 else 0, window is None, d),
+        DENSE=window is None,
     )
     if n_split > 1:  # each chunk's output is already dropped with its own columns
         merge_partials(o_dst, l_dst, out, lse)
@@ -622,6 +645,7 @@ def _bwd_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tenso
         n_q=nq, n_k=nk, n_glob=n_glob, heads_per_kv=h // h_kv, chunk=chunk, n_split=n_split,
         HAS_GLOBAL=n_glob > 0, **kw, **_meta("dq"),
         **_one_sided("dq", kw["left"], kw["right"], chunk if n_split > 1 else 0, window is None, d),
+        DENSE=window is None,
     )
     if n_split > 1:
         sum_partial_rows(dq_dst, dq)

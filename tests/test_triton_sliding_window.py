@@ -111,17 +111,25 @@ def test_triton_head_dim_32(window):
              WINDOWS[window])
 
 
+def test_triton_head_dim_64_globals():
+    """D = 64: the forward attends to the listed (global) keys before the band there (``LIST_FIRST``)."""
+    _compare(Case(b=2, h=2, h_kv=1, n=41, d=64, n_global="many", strided=True, seed=6), torch.float32,
+             WINDOWS["w24-8"])
+
+
 @pytest.mark.parametrize("blocks", [
     {"fwd": (32, 16), "dq": (16, 32), "dkdv": (32, 16)},
     {"fwd": (16, 32), "dq": (32, 16), "dkdv": (16, 32)},
 ], ids=["tall", "wide"])
-def test_triton_block_shapes_and_split_chunks(monkeypatch, blocks):
-    """BLOCK_M != BLOCK_N, and dense passes split into many (unaligned) key chunks."""
+@pytest.mark.parametrize("padding", [True, False], ids=["pad", "nopad"])
+def test_triton_block_shapes_and_split_chunks(monkeypatch, blocks, padding):
+    """BLOCK_M != BLOCK_N, and dense passes split into many (unaligned) key chunks (without padding: the
+    dense pass's column test, ``SIDE == 3``, on chunks starting inside a tile)."""
     if not KERNELS.INTERPRET:
         pytest.skip("block sizes are autotuned on GPU")
     monkeypatch.setattr(KERNELS, "INTERPRET_BLOCKS", blocks)
     monkeypatch.setattr(KERNELS, "INTERPRET_SPLIT_CHUNK", 13)
-    _compare(Case(b=2, h=2, h_kv=1, n=47, n_global="many", padding=True, global_proj=True, seed=5),
+    _compare(Case(b=2, h=2, h_kv=1, n=47, n_global="many", padding=padding, global_proj=True, seed=5),
              torch.float64, SlidingWindow((20, 13)))
 
 
