@@ -2,6 +2,7 @@
 
     python -m bench.sm90 [--quick | --full | --variants] [--out DIR] [--family sliding_window,segment,lsg]
                          [--kernel lsg_fwd,...] [--head-dim 64,128]
+    python -m bench.sm90 --compare BEFORE/sm90.json AFTER/sm90.json [--out DIR]
 
 How: the real launchers (:mod:`kernels.sliding_window`, :mod:`kernels.segment`, :mod:`kernels.lsg`)
 are called on ``meta`` tensors of a realistic shape (``B·H = 64``, ``n = 16384``, window
@@ -897,6 +898,64 @@ def markdown(records: List[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _joined(records: List[dict]) -> Dict[tuple, dict]:
+    """Records by ``(family, variant, kernel, dtype, D, n)``: the ``n``-th launch of that kernel in that
+    variant (a kernel may launch twice, e.g. ``sum_partial_rows``); the config is not in the key, so a
+    change of the kept config shows as a change."""
+    seen: Counter = Counter()
+    out = {}
+    for r in records:
+        if "error" in r:
+            continue
+        k = (r["family"], r["variant"], r["kernel"], r["dtype"], r["head_dim"])
+        out[k + (seen[k],)] = r
+        seen[k] += 1
+    return out
+
+
+_COMPARED = ("config", "regs", "spill_bytes", "warps_per_sm", "mma", "masked_instr_per_tile",
+             "unmasked_instr_per_tile")
+
+
+def compare(before: List[dict], after: List[dict], title: str = "before -> after") -> str:
+    """Markdown: the records of two reports of the same matrix joined on family/variant/kernel/dtype/D,
+    the totals that issue 11 targets, and one row per record whose config, registers, spills, warps/SM,
+    MMA kind or tile instruction counts changed."""
+    b, a = _joined(before), _joined(after)
+    both = [k for k in a if k in b]
+
+    def count(recs, pred):
+        return sum(1 for r in recs if pred(r))
+
+    def over(r):
+        m, u = r.get("masked_instr_per_tile"), r.get("unmasked_instr_per_tile")
+        return bool(m and u and m > 1.3 * u)
+
+    def cell(x, y):
+        return f"{x}" if x == y else f"{x} → {y}"
+    rb, ra = [b[k] for k in both], [a[k] for k in both]
+    occ_up = sum(1 for x, y in zip(rb, ra) if (y.get("warps_per_sm") or 0) > (x.get("warps_per_sm") or 0))
+    occ_down = sum(1 for x, y in zip(rb, ra) if (y.get("warps_per_sm") or 0) < (x.get("warps_per_sm") or 0))
+    changed = [k for k in both if any(b[k].get(f) != a[k].get(f) for f in _COMPARED)]
+    lines = [f"# bench.sm90: {title}", "",
+             f"{len(both)} records joined on family/variant/kernel/dtype/D ({len(b) - len(both)} only before, "
+             f"{len(a) - len(both)} only after); {len(changed)} changed.", "",
+             f"- spilling: {count(rb, lambda r: r.get('spill_bytes'))} → {count(ra, lambda r: r.get('spill_bytes'))}"
+             f" records, {sum(r.get('spill_bytes') or 0 for r in rb)} → {sum(r.get('spill_bytes') or 0 for r in ra)} B",
+             f"- masked tile > 1.3x its unmasked one: {count(rb, over)} → {count(ra, over)}",
+             f"- warps/SM: higher in {occ_up}, lower in {occ_down}", "",
+             "| family/variant | kernel | dtype | D | config | regs | spill B | warps/SM | mma | masked | unmasked "
+             "| m/u |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in changed:
+        x, y = b[k], a[k]
+        cells = [cell(x.get(f), y.get(f)) for f in _COMPARED]
+        mu = cell(_ratio(x.get("masked_instr_per_tile"), x.get("unmasked_instr_per_tile")) or "-",
+                  _ratio(y.get("masked_instr_per_tile"), y.get("unmasked_instr_per_tile")) or "-")
+        lines.append(f"| {k[0]}/{k[1]} | {k[2]} | {k[3]} | {k[4]} | " + " | ".join(cells) + f" | {mu} |")
+    return "\n".join(lines) + "\n"
+
+
 def environment() -> dict:
     ptxas = _tool("ptxas")
     version = ""
@@ -923,7 +982,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--annotate", metavar="JSON", help="mark the records of a report by whether today's pruners "
                    "keep them, rewrite its JSON and markdown (no compiling)")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="two sm90.json of the same matrix: "
+                   "print (or with --out write compare.md) what changed between them (no compiling)")
     args = p.parse_args(argv)
+    if args.compare:
+        reports = []
+        for path in args.compare:
+            with open(path) as f:
+                reports.append(json.load(f)["records"])
+        md = compare(*reports, title=f"{args.compare[0]} → {args.compare[1]}")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "compare.md"), "w") as f:
+                f.write(md)
+        else:
+            print(md)
+        return 0
     if args.annotate:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         with open(args.annotate) as f:

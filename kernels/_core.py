@@ -896,16 +896,16 @@ def attn_fwd_band(
     four bounds of :func:`block_range` or an equivalent).  Row ``i`` sees key ``j`` iff
     ``i - before <= j <= i + after`` and ``k_begin <= j < k_end``; ``before``/``after`` are scalars
     or ``[BM, 1]``.  Addressing, key mask and dropout as :func:`attn_fwd_range`.  ``RANGE_LOOPS``: walk
-    with the :func:`attn_fwd_range` loops (as with dropout or a key mask), for a caller that compiles
-    better with them.  ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided
+    with the :func:`attn_fwd_range` loops (as with a key mask on a two-sided walk, or D > 128), for a caller
+    that compiles better with them.  ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided
     edges" above :func:`_i64`); ignored on the ``*_range`` loops.  ``DENSE``: the caller's ``before`` and
     ``after`` reach every key of ``[k_begin, k_end)`` (a dense pass): the masked edges test the key range
     only, per column (``SIDE`` 3 / 4 of :func:`_in_side`; the tile holding ``k_end`` moves to the right edge as
     with ``ONE_SIDED``, so that only the right edge's loads need a predicate); ignored on the ``*_range``
     loops."""
-    if DROPOUT or (HAS_KEY_MASK and not ONE_SIDED) or RANGE_LOOPS or b_q.shape[1] > 128:
-        # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the dropout and
-        # key-padding variants at D = 64, and D = 256 on its mma.sync tiles)
+    if (HAS_KEY_MASK and not ONE_SIDED) or RANGE_LOOPS or b_q.shape[1] > 128:
+        # the *_range loops: fewer registers / instructions there on sm_90 (bench.sm90: the key-padding
+        # variants of the two-sided walk at D = 64, and D = 256)
         acc, m_i, l_i = attn_fwd_range(
             acc, m_i, l_i, b_q, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo, full_lo,
             k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True, HAS_KEY_MASK,
@@ -1050,9 +1050,11 @@ def attn_bwd_dq_band(
 ):
     """``dq += dS k`` over the whole band walk (bounds and visibility as :func:`attn_fwd_band`;
     arithmetic, key mask and dropout as :func:`attn_bwd_dq_range`).  ``RANGE_LOOPS``: walk with the
-    :func:`attn_bwd_dq_range` loops (as with dropout), for a caller that compiles better with them.
+    :func:`attn_bwd_dq_range` loops (as with dropout at D > 128), for a caller that compiles better with
+    them.
     ``ONE_SIDED``, ``DENSE``: as :func:`attn_fwd_band`."""
-    if DROPOUT or RANGE_LOOPS:  # the *_range loops: fewer registers with dropout
+    if RANGE_LOOPS or (DROPOUT and b_q.shape[1] > 128):  # the *_range loops (D = 256 with dropout: 254
+        # registers; 255 with the band tiles)
         b_dq = attn_bwd_dq_range(
             b_dq, b_q, b_do, b_lse, b_delta, o_i, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_kd, o_vd, lo,
             full_lo, k_begin, k_end, pos_offset, pos_step, before, after, qk_scale, qk_scale_lo, BLOCK_N, True,
@@ -1093,7 +1095,7 @@ def _dkdv_tiles(
     i_lo, i_hi, r_begin, r_end, pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo,
-    DROPOUT: tl.constexpr, p_drow, DROP_ROWS: tl.constexpr, SIDE: tl.constexpr = 0,
+    DROPOUT: tl.constexpr, p_drow, DROP_ROWS: tl.constexpr, drop_row_off, SIDE: tl.constexpr = 0,
 ):
     """One loop of :func:`attn_bwd_dkdv_band` over the query tiles ``[i_lo, i_hi)`` of ``n_heads``
     heads (one flat loop, as :func:`attn_bwd_dkdv_heads`).  ``MASKED``: the row test of ``SIDE``
@@ -1135,7 +1137,7 @@ def _dkdv_tiles(
                 o_tok = tl.load(p_drow + o_i, mask=(o_i >= r_begin) & (o_i < r_end), other=0)
             else:
                 o_tok = pos_offset + o_i * pos_step
-            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_tok)  # [BM]
+            b_rk = dropout_row_keys(dropout_head_key(drop_seed, drop_bh0 + i_h), o_tok + drop_row_off)  # [BM]
             b_keep_t = mix32(b_kcol.to(tl.uint32)[:, None] ^ b_rk[None, :]) >= drop_thresh  # [BN, BM]
             b_pd = tl.where(b_keep_t, _scale(b_pt, drop_scale, drop_scale_lo, EXACT_SCALE), 0.0)
             b_dv = _mm(cast_to(b_pd, b_do.dtype), b_do, b_dv)
@@ -1165,8 +1167,8 @@ def attn_bwd_dkdv_band(
     dropout as :func:`attn_bwd_dkdv_heads`; ``before``/``after`` scalars or ``[BN, 1]``).
     ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided edges" above
     :func:`_i64`; the query rows past ``r_end`` drop out through their lse, so no tile of the left edge
-    needs both bounds); ignored with dropout."""
-    if DROPOUT:  # attn_bwd_dkdv_heads: the dropout variant spilled 24 B with the band tiles (sm_90, D = 64)
+    needs both bounds); ignored with dropout at D > 128."""
+    if DROPOUT and b_k.shape[1] > 128:  # attn_bwd_dkdv_heads (D = 256: 253 registers, 255 with the band tiles)
         b_dk, b_dv = attn_bwd_dkdv_heads(
             b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
@@ -1191,18 +1193,19 @@ def attn_bwd_dkdv_band(
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
             b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
-            1 if ONE_SIDED else 0)
+            drop_row_off, 1 if ONE_SIDED else 0)
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, False, EXACT_SCALE, USE_EXP2,
-            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS)
+            b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
+            drop_row_off)
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_hi, hi, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
             b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
-            2 if ONE_SIDED else 0)
+            drop_row_off, 2 if ONE_SIDED else 0)
     return b_dk, b_dv
 
 

@@ -106,8 +106,8 @@ def _one_sided_for(namespace: dict) -> Callable[..., dict]:
     would need tile-aligned chunks) have a cheaper test of their own, the ``DENSE`` constexpr of the
     sliding-window kernels (every row's interval is the chunk: one column test per tile, broadcast over
     the rows): a ``dense`` launch gets ``ONE_SIDED`` False here, as does ``head_dim > 128`` (there the
-    one-sided tiles compiled worse on sm_90: the D = 256 dq's unmasked tile 336 instructions instead of 305).  The dense dk/dv
-    pass is one-sided (the same kernel as the band pass's)."""
+    one-sided tiles compiled worse on sm_90: the D = 256 dq's unmasked tile 336 instructions instead of
+    305).  The dense dk/dv pass is one-sided (the same kernel as the band pass's)."""
     def one_sided(kind: str, left: int, right: int, chunk: int = 0, dense: bool = False, head_dim: int = 64) -> dict:
         if dense or head_dim > 128:  # see the docstring: the dense pass's own test; D > 128 cost instructions
             return {"ONE_SIDED": False}

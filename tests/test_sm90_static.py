@@ -152,3 +152,32 @@ def test_lsg_tile_counter_by_hand():
     assert int(right.sum()) == 0
     assert res["fwd"].useful == int(lsg_direct_mask(64, pattern).sum() + left.sum())
     assert res["bwd"].useful == 2 * res["fwd"].useful
+
+
+def test_compare_joins_reports_and_lists_what_changed():
+    """``python -m bench.sm90 --compare``: records joined on family/variant/kernel/dtype/D (a kernel launched
+    twice joins by order), the issue's totals, one row per changed record.  (In a subprocess, as above.)"""
+    def rec(kernel, regs, m, u, spill=0, warps=8, config="128x64/8w/3s"):
+        return dict(family="sliding_window", variant="base", kernel=kernel, dtype="bfloat16", head_dim=64,
+                    config=config, regs=regs, spill_bytes=spill, warps_per_sm=warps, mma="wgmma",
+                    masked_instr_per_tile=m, unmasked_instr_per_tile=u)
+    before = [rec("sw_fwd", 131, 430, 298), rec("sum_partial_rows", 40, None, None),
+              rec("sum_partial_rows", 42, None, None), rec("sw_bwd_dq", 170, 350, 270, spill=16)]
+    after = [rec("sw_fwd", 128, 373, 298, warps=16), rec("sum_partial_rows", 40, None, None),
+             rec("sum_partial_rows", 42, None, None), rec("sw_bwd_dq", 170, 350, 270)]
+    code = ("import json, sys; from bench.sm90 import compare; b, a = json.load(sys.stdin); "
+            "print(compare(b, a, title='t'))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], input=json.dumps([before, after]), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = res.stdout
+    assert "4 records joined" in md and "2 changed" in md, md
+    assert "- spilling: 1 → 0 records, 16 → 0 B" in md, md
+    assert "- masked tile > 1.3x its unmasked one: 1 → 0" in md, md
+    assert "- warps/SM: higher in 1, lower in 0" in md, md
+    rows = [line for line in md.splitlines() if line.startswith("| sliding_window/")]
+    assert len(rows) == 2, rows
+    assert "| 131 → 128 |" in rows[0] and "| 8 → 16 |" in rows[0] and "| 1.44 → 1.25 |" in rows[0], rows[0]
+    assert "| 16 → 0 |" in rows[1], rows[1]
