@@ -374,7 +374,7 @@ def attn_fwd_range(
     ``[j_lo, j_hi)``, ``BLOCK_N`` at a time.  Key index ``j`` lives at position
     ``pos_offset + j * pos_step``.  ``MASKED``: apply the band and ``[k_begin, k_end)``
     masks (edge blocks); otherwise every key of every visited block is in range and
-    in the band.  ``HAS_KEY_MASK``: ``p_km`` (uint8, position-indexed, nonzero =
+    in the band.  ``HAS_KEY_MASK``: ``p_km`` (int32 or uint8, position-indexed, nonzero =
     visible) masks keys on every block.  ``DROPOUT``: row keys ``b_rk [BM]``, key column
     ``col_offset + position``.  Returns the updated ``(acc, m_i, l_i)``."""
     if MASKED:

@@ -52,9 +52,9 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
                     bwd_preprocess, cast_to, dropout_head_key, dropout_load, dropout_row_keys,
                     merge_partials, next_power_of_2, sum_partial_rows, _scale)
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _D256_NARROW_DKDV, _bwd_common, _check_qkv, _configs,
-                      _dkdv_configs, _drop_cols_arg,
-                      _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg, _mask_arg, _meta_for,
-                      _one_sided_for, _pruner, _scale_args, _split_for, _strides, _tuned)
+                      _dkdv_configs, _drop_cols_arg, _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg,
+                      _key_mask_i32, _mask_arg, _meta_for, _one_sided_for, _pruner, _scale_args, _split_for,
+                      _strides, _tuned)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -474,8 +474,9 @@ def _band_args(window, dilation: int, nq: int, nk: int) -> dict:
 
 
 def _key_mask_args(key_mask: Optional[torch.Tensor], like: torch.Tensor) -> dict:
-    """``KM``, its strides and ``HAS_KMASK``: the key-mask keywords of every kernel here."""
-    km, s_kmb, s_kmn = _mask_arg(key_mask, like)
+    """``KM``, its strides and ``HAS_KMASK``: the key-mask keywords of every kernel here (int32 up to
+    D = 128, :func:`._launch._key_mask_i32`; above, the uint8 view of :func:`._launch._mask_arg`)."""
+    km, s_kmb, s_kmn = (_key_mask_i32 if like.shape[-1] <= 128 else _mask_arg)(key_mask, like)
     return dict(KM=km, stride_kmb=s_kmb, stride_kmn=s_kmn, HAS_KMASK=key_mask is not None)
 
 
