@@ -88,7 +88,8 @@ from ._core import (HEAD_DIMS, INTERPRET, _exp, _mm, _scale, acc_dtype, attn_bwd
 # launch plumbing shared by the families; LSG's tuning (kernels/_launch.py) under the names the kernels use
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK,
                       _LSG_CAUSAL_LOCAL_DKDV_BUDGET as _CAUSAL_LOCAL_DKDV_BUDGET, _LSG_DKDV_SHAPES as _DKDV_SHAPES, _LSG_FWD_SHAPES as _FWD_SHAPES, _lsg_tuned as _tuned,
-                      _mask_u8, _meta_for, _split_for, _strides, _token_dropout_args as _dropout_args)
+                      _key_mask_i32, _mask_u8, _meta_for, _split_for, _strides,
+                      _token_dropout_args as _dropout_args)
 # whole passes of the sliding-window family (its public launchers): the dense path, the global-key gradient
 from .sliding_window import add_global_key_grads, sliding_window_bwd, sliding_window_fwd
 
@@ -1157,7 +1158,7 @@ def _global_rows_fwd(q, k, v, a, key_valid):
     acc = acc_dtype(q.dtype)
     o_dst = torch.empty((n_split, b, h, g, d), dtype=acc if n_split > 1 else q.dtype, device=q.device)
     l_dst = torch.empty((n_split, b, h, g), dtype=acc, device=q.device)
-    km = _mask_u8(key_valid, q)
+    km = _key_mask_i32(key_valid, q)[0]
     _lsg_global_rows_fwd_kernel[(n_split, h, b)](
         Q=q, K=k, V=v, KM=km, O=o_dst, LSE=l_dst, **a.drop, **_strides("q", q), **_strides("k", k),
         **_strides("v", v), **_strides("km", km, "bn"), **_strides("o", o_dst, "sbhnd"),
@@ -1393,7 +1394,7 @@ def lsg_fwd(
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=acc_dtype(q.dtype), device=q.device)
     kc, vc, sv, s_svh = _sparse_args(k_sparse, v_sparse, sparse_valid, q)
-    km = _mask_u8(key_valid, q)
+    km = _key_mask_i32(key_valid, q)[0]
 
     def grid(meta):
         return (a.n_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), h, b)
@@ -1471,7 +1472,7 @@ class _BwdTensors:
     def __init__(self, a: _Args, dout, q, k, v, out, lse, k_sparse, v_sparse, sparse_valid, key_valid):
         self.dout, self.q, self.k, self.v, self.lse, self.key_valid = dout, q, k, v, lse, key_valid
         self.kc, self.vc, self.sv, self.s_svh = _sparse_args(k_sparse, v_sparse, sparse_valid, q)
-        self.km = _mask_u8(key_valid, q)
+        self.km = _key_mask_i32(key_valid, q)[0]
         self.delta = bwd_preprocess(out, dout)  # [B, H, N]
         self.out = out
         self.scales = dict(sm_scale=a.sm_scale, sm_scale_lo=a.sm_scale_lo)
