@@ -931,6 +931,9 @@ def compare(before: List[dict], after: List[dict], title: str = "before -> after
         m, u = r.get("masked_instr_per_tile"), r.get("unmasked_instr_per_tile")
         return bool(m and u and m > 1.3 * u)
 
+    def spilled(recs):
+        return sum(r.get("spill_bytes") or 0 for r in recs)
+
     def cell(x, y):
         return f"{x}" if x == y else f"{x} → {y}"
     rb, ra = [b[k] for k in both], [a[k] for k in both]
@@ -941,7 +944,7 @@ def compare(before: List[dict], after: List[dict], title: str = "before -> after
              f"{len(both)} records joined on family/variant/kernel/dtype/D ({len(b) - len(both)} only before, "
              f"{len(a) - len(both)} only after); {len(changed)} changed.", "",
              f"- spilling: {count(rb, lambda r: r.get('spill_bytes'))} → {count(ra, lambda r: r.get('spill_bytes'))}"
-             f" records, {sum(r.get('spill_bytes') or 0 for r in rb)} → {sum(r.get('spill_bytes') or 0 for r in ra)} B",
+             f" records, {spilled(rb)} → {spilled(ra)} B",
              f"- masked tile > 1.3x its unmasked one: {count(rb, over)} → {count(ra, over)}",
              f"- warps/SM: higher in {occ_up}, lower in {occ_down}", "",
              "| family/variant | kernel | dtype | D | config | regs | spill B | warps/SM | mma | masked | unmasked "
