@@ -123,6 +123,9 @@ build() {
     "$PY" - <<'EOF'
 import torch, lhattn
 print("lhattn", lhattn.__version__, "from", lhattn.__file__)
+from kernels._launch import TRITON_VERSION, _TUNED_FOR_3_9
+print("triton", TRITON_VERSION, "-> tuning calibrated for", "triton >= 3.9" if _TUNED_FOR_3_9 else
+      "triton < 3.9 (measured on 3.6, bench/results/sm90-static-20261203/triton36)")
 try:
     import lhattn._ops  # loads lhattn._C, registers torch.ops.lhattn.*
     x = torch.randn(1, 1, 4, 8, device="cuda")

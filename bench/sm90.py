@@ -539,7 +539,9 @@ def analyse(launch: Launch, config: Optional[triton.Config], dtype: torch.dtype,
     rec = dict(family=launch.family, variant=launch.variant, kernel=_short(fn.__name__), dtype=str(dtype).split(".")[1],
                head_dim=d)
     if config is not None:
-        rec["config"] = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s"
+        rec["config"] = _config_name(config)
+        if getattr(config, "maxnreg", None):
+            rec["maxnreg"] = config.maxnreg
         rec["block_m"], rec["block_n"] = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         rec["num_warps"], rec["num_stages"] = config.num_warps, config.num_stages
     else:
@@ -595,7 +597,7 @@ def _static_smem(cubin: bytes) -> int:
 def _dedup_key(launch: Launch, config) -> str:
     sig, const, attrs, opts = _bind(launch.fn, launch.kwargs, config)
     return repr((launch.fn.__name__, sorted(sig.items()), sorted(const.items()), sorted(attrs.items()),
-                 opts.num_warps, opts.num_stages))
+                 opts.num_warps, opts.num_stages, getattr(opts, "maxnreg", None)))
 
 
 # --------------------------------------------------------------------------------------
@@ -665,7 +667,10 @@ def annotate_kept(records: List[dict]) -> None:
 
 
 def _config_name(config) -> str:
-    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s"
+    """``BMxBN/Ww/Ss``, and ``/rR`` for a config capped at ``R`` registers (``maxnreg``)."""
+    cap = getattr(config, "maxnreg", None)
+    return (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s"
+            + (f"/r{cap}" if cap else ""))
 
 
 def run(mode: str, families: List[str], log=print, reference: bool = True,

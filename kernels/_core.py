@@ -1301,7 +1301,9 @@ def merge_partials(out_parts: torch.Tensor, lse_parts: torch.Tensor, out: torch.
     ``out_parts [S, B, H, M, D]`` / ``lse_parts [S, B, H, M]`` (each part normalised
     over its own keys, ``-inf`` where it saw none)."""
     s, b, h, m, d = out_parts.shape
-    block_m = 16 if INTERPRET else 64
+    # 4096 accumulator elements per program (64 rows at D = 64): at most 80 registers on sm_90 at every head
+    # dim; 64 rows took 128 at D = 128 (8 B spilled on Triton 3.6) and 255 at D = 256 (bench.sm90)
+    block_m = 16 if INTERPRET else min(64, max(16, 4096 // d))
     _merge_partials_kernel[(triton.cdiv(m, block_m), h, b)](
         OP=out_parts, LP=lse_parts, O=out, LSE=lse,
         stride_ops=out_parts.stride(0), stride_opb=out_parts.stride(1), stride_oph=out_parts.stride(2),

@@ -28,7 +28,16 @@ import triton
 
 from ._core import HEAD_DIMS, INTERPRET, dropout_scale, next_power_of_2, split_scale
 
-__all__ = ["INTERPRET_BLOCKS", "INTERPRET_SPLIT_CHUNK"]
+__all__ = ["INTERPRET_BLOCKS", "INTERPRET_SPLIT_CHUNK", "TRITON_VERSION"]
+
+TRITON_VERSION: Tuple[int, int] = tuple(int(p) for p in triton.__version__.split(".")[:2])  # type: ignore[assignment]
+"""``(major, minor)`` of the installed Triton.  The tuning below is calibrated with ``python -m bench.sm90`` on
+Triton 3.9 (the tested stack); a few choices differ before 3.9, calibrated on Triton 3.6 (the GPU machine's
+image) where the same configs spill or lose occupancy on sm_90 (:data:`_D256_SHAPES`, :data:`_FWD_D64_REG_CAP`;
+``bench/results/sm90-static-20261203/triton36``)."""
+
+_TUNED_FOR_3_9 = TRITON_VERSION >= (3, 9)
+"""Which calibration the pruners use: Triton 3.9's (True) or the one for older releases (False)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -127,14 +136,15 @@ def _segment_one_sided_for(namespace: dict) -> Callable[[str, Optional[int]], di
     """The segment family's ``_one_sided(kind, seg_size)``: ``{"ONE_SIDED": bool}``, True for fixed segments
     (``seg_size``; None for per-token bounds: False) that are a multiple of the tile the walk crosses and
     at least as long as the tile a program owns, for every tile shape the launch may run (as
-    :func:`_one_sided_for`; :data:`_D256_SHAPE` included).  A block then spans at most two segments
+    :func:`_one_sided_for`; :data:`_D256_SHAPES` included).  A block then spans at most two segments
     whose boundary is a tile boundary: the left edge holds the first segment's keys (the second one's
     rows fail only their lower bound), the right edge the second one's."""
     def one_sided(kind: str, seg_size: Optional[int]) -> dict:
         if seg_size is None:
             return {"ONE_SIDED": False}
+        d256 = [t[kind] for t in _D256_SHAPES.values()]  # either calibration's
         shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
-            [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES) + [_D256_SHAPE[kind]]]
+            [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES) + d256]
         pairs = [(bn, bm) if kind == "dkdv" else (bm, bn) for bm, bn in shapes]  # (tile owned, tile crossed)
         return {"ONE_SIDED": all(seg_size % other == 0 and seg_size >= own for own, other in pairs)}
     one_sided.__name__ = one_sided.__qualname__ = "_one_sided"
@@ -362,10 +372,15 @@ as ``_CAUSAL_LOCAL_DKDV_BUDGET``."""
 _D256_SHAPE = {"fwd": (64, 16, 4, 2), "dq": (64, 16, 4, 2), "dkdv": (32, 32, 4, 2)}
 """The one sliding-window / segment config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps,
 stages), where the register model underestimates: compiled for sm_90 in every flag variant, bf16 and
-fp16 (``bench/results/sm90-static-20261203/d256``), these spill nothing (but see
+fp16 (``bench/results/sm90-static-20261203/d256``), these spill nothing on Triton 3.9 (but see
 :data:`_D256_NARROW_DKDV`) and the forward and dq run on wgmma.  The 32x32/4w forward / dq tile the
 pruner chose before spilled up to 80 B (dq with dropout), and 32x16/4w or 16x32/4w ones 8-16 B (ptxas
 capped them at 128-168 registers)."""
+
+_D256_SHAPES = {True: _D256_SHAPE, False: {**_D256_SHAPE, "dq": (32, 32, 4, 2)}}
+""":data:`_D256_SHAPE` by :data:`_TUNED_FOR_3_9`.  Before Triton 3.9 the 64x16/4w dq tile spills in every
+flag variant (Triton 3.6: 72-496 B, 3.7 and 3.8 alike), the 32x32/4w one in none (3.6; 182-221 registers,
+mma.sync; 3.8 still spills 16-64 B with dropout)."""
 
 _D256_NARROW_DKDV = (16, 32, 4, 2)
 """The dk/dv shape at D >= 256 where :data:`_D256_SHAPE`'s 32x32/4w spilled on sm_90: the dilated
@@ -377,6 +392,17 @@ _LSG_D256_SHAPE = {"fwd": (16, 16, 2, 1), "dq": (64, 16, 4, 2), "dkdv": (32, 16,
 """The one LSG config kept at D >= 256, per kernel kind (BLOCK_M, BLOCK_N, warps, stages): no spills in
 any flag variant, bf16 and fp16, compiled for sm_90 (``bench/results/sm90-static-20261203/d256``; the
 16x16/2w dk/dv tile chosen before spilled 164 B local, 84 B sparse)."""
+
+_LSG_D256_SHAPES = {True: _LSG_D256_SHAPE, False: {**_LSG_D256_SHAPE, "dq": (32, 32, 4, 2)}}
+""":data:`_LSG_D256_SHAPE` by :data:`_TUNED_FOR_3_9`: before Triton 3.9 the 64x16/4w dq tile spills (Triton 3.6:
+292-376 B), 32x32/4w does not (184-186 registers, every flag variant)."""
+
+_FWD_D64_REG_CAP = 128
+"""``maxnreg`` of the sliding-window and segment forward's 128x64/8w tile at D = 64 without dropout, before
+Triton 3.9 (:func:`_pruner`'s ``cap_d64``): there ptxas gives it 130-170 registers in several flag variants
+(Triton 3.6: globals 130, dilation 135, fixed segments 139-141, key masks 161-166; 3.7 alike), one 8-warp
+CTA per SM instead of two; capped at 128 none spills (3.6, 3.7, 3.8) and occupancy is back at 16 warps/SM.
+Triton 3.9 needs no cap (128 registers where it matters) and spills with it (globals: 44 B)."""
 
 
 def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, elem: int) -> tuple:
@@ -397,9 +423,14 @@ def _tile_cost(kind: str, bm: int, bn: int, warps: int, stages: int, d: int, ele
     return words * regs // threads, smem
 
 
+def _capped(c, maxnreg: int):
+    """A copy of config ``c`` whose kernel ptxas compiles with at most ``maxnreg`` registers per thread."""
+    return triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=maxnreg)
+
+
 def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[str] = None,
             bound: Optional[str] = None, causal_budget: Optional[int] = None,
-            d256: Optional[Dict[str, tuple]] = None):
+            d256: Optional[Dict[bool, Dict[str, tuple]]] = None, cap_d64: bool = False):
     """The autotuner's early pruner for one kernel kind (``kind``: "fwd", "dq" or "dkdv"): keep, in
     their best-first order, the configs whose :func:`_tile_cost` fits the register budget
     (``budgets[kind]``, default :data:`_REG_BUDGET`) and :data:`_SMEM_BUDGET` for this head dim and
@@ -411,7 +442,9 @@ def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[
     Options (LSG, :func:`_lsg_tuned`): ``tile``/``bound``: the ``tile`` axis (the one a program owns) not
     much longer than the launch argument ``bound`` (an LSG block, ``Tc``); ``causal_budget`` replaces the
     budget of a ``CAUSAL`` launch; ``d256``: the one shape kept at D >= 256 per kind, where the register
-    model underestimates (default :data:`_D256_SHAPE`; it need not be one of ``configs``)."""
+    model underestimates, by :data:`_TUNED_FOR_3_9` (default :data:`_D256_SHAPES`; it need not be one of
+    ``configs``).  ``cap_d64`` (sliding window, segments): before Triton 3.9, the 128x64/8w forward tile at
+    D = 64 without dropout gets ``maxnreg`` :data:`_FWD_D64_REG_CAP`."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # launches pass keywords: they arrive in kwargs
         d = args["HEAD_DIM"]
@@ -430,10 +463,13 @@ def _pruner(kind: str, budgets: Optional[Dict[str, int]] = None, tile: Optional[
             return (regs <= budget and smem <= _SMEM_BUDGET and (c.num_warps < 8 or rows(c) >= 128)
                     and (cap is None or c.kwargs[tile] <= cap))
         if d >= 256:  # the register model underestimates here: the tile measured best
-            return _configs([(_D256_SHAPE if d256 is None else d256)[kind]])
+            return _configs([(_D256_SHAPES if d256 is None else d256)[_TUNED_FOR_3_9][kind]])
         kept = [c for c in configs if fits(c)]
         if d >= 128 and any(rows(c) >= 64 for c in kept):  # mma.sync tiles only as the last resort
             kept = [c for c in kept if rows(c) >= 64]
+        if cap_d64 and not _TUNED_FOR_3_9 and d == 64 and not args.get("DROPOUT"):
+            kept = [_capped(c, _FWD_D64_REG_CAP) if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                    == (128, 64, 8) else c for c in kept]
         return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps,
                                                      c.num_stages))]
     return prune
@@ -453,9 +489,9 @@ def _tuned(configs, key, kind: str, **prune):
 
 def _lsg_tuned(shapes, key, kind: str, tile: str, bound: str, causal_budget: Optional[int] = None):
     """LSG's :func:`_tuned` (``kernels/lsg.py`` imports it as ``_tuned``): candidates given as shapes,
-    :data:`_LSG_REG_BUDGET`, the ``tile``/``bound`` cap, ``causal_budget`` and :data:`_LSG_D256_SHAPE`."""
+    :data:`_LSG_REG_BUDGET`, the ``tile``/``bound`` cap, ``causal_budget`` and :data:`_LSG_D256_SHAPES`."""
     return _tuned(_configs(shapes), key, kind, budgets=_LSG_REG_BUDGET, tile=tile, bound=bound,
-                  causal_budget=causal_budget, d256=_LSG_D256_SHAPE)
+                  causal_budget=causal_budget, d256=_LSG_D256_SHAPES)
 
 
 # --------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def _segment_block_range(start_first, end_first, start_last, end_last, BLOCK_OTH
 # --------------------------------------------------------------------------------------
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SEG", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED"], kind="fwd", cap_d64=True)
 @triton.jit
 def _seg_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, SEG_START, SEG_END, DROP, DCOL,

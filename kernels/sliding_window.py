@@ -54,7 +54,7 @@ from ._core import (HEAD_DIMS, INTERPRET, acc_dtype, attn_bwd_dkdv_band, attn_bw
 from ._launch import (INTERPRET_BLOCKS, INTERPRET_SPLIT_CHUNK, _D256_NARROW_DKDV, _bwd_common, _check_qkv, _configs,
                       _dkdv_configs, _drop_cols_arg, _drop_offset_args, _dropout_args, _fwd_configs, _global_keys_arg,
                       _key_mask_i32, _mask_arg, _meta_for, _one_sided_for, _pruner, _scale_args, _split_for,
-                      _strides, _tuned)
+                      _strides, _tuned, _TUNED_FOR_3_9)
 
 __all__ = ["sliding_window_fwd", "sliding_window_bwd", "add_global_key_grads", "HEAD_DIMS", "INTERPRET_BLOCKS"]
 
@@ -98,7 +98,8 @@ def _fwd_listed_keys(acc, m_i, l_i, b_q, GIDX, DCOL, i_b, stride_gb, stride_gn, 
         LIST_COLS=DROP_COLS)
 
 
-@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED", "DENSE"], kind="fwd")
+@_tuned(_fwd_configs(), key=["HEAD_DIM", "SPAN", "HAS_GLOBAL", "DROPOUT", "ONE_SIDED", "DENSE"], kind="fwd",
+        cap_d64=True)
 @triton.jit
 def _sw_fwd_kernel(
     Q, K, V, O, LSE, QM, KM, GIDX, DROP, DROW, DCOL,
@@ -276,8 +277,10 @@ def _dkdv_tuning(key, narrow, keep=None):
     return wrap
 
 
-# the dilated band's dk/dv spilled 208 B on 32x32/4w at D = 256: keyed on the dilation
-@_dkdv_tuning(key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "dilation"], narrow=lambda args: args["dilation"] != 1)
+# the dilated band's dk/dv spilled 208 B on 32x32/4w at D = 256: keyed on the dilation; before Triton 3.9 the
+# dropout variant's too (24 B, Triton 3.6)
+@_dkdv_tuning(key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "dilation"],
+              narrow=lambda args: args["dilation"] != 1 or (args["DROPOUT"] and not _TUNED_FOR_3_9))
 @triton.jit
 def _sw_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, DROP, DROW,

@@ -181,3 +181,42 @@ def test_compare_joins_reports_and_lists_what_changed():
     assert len(rows) == 2, rows
     assert "| 131 → 128 |" in rows[0] and "| 8 → 16 |" in rows[0] and "| 1.44 → 1.25 |" in rows[0], rows[0]
     assert "| 16 → 0 |" in rows[1], rows[1]
+
+
+# ---- the tuning calibrated per Triton release (kernels/_launch.py, _TUNED_FOR_3_9) -----------------
+
+
+@pytest.mark.parametrize("tuned_for_3_9", [True, False])
+def test_pruner_calibration_by_triton_release(monkeypatch, tuned_for_3_9):
+    """Triton 3.9's calibration, or the older releases' one (measured on Triton 3.6, the GPU machine's):
+    a register cap on the sliding-window / segment forward's 128x64/8w tile at D = 64 without dropout
+    only before 3.9, and a 32x32/4w dq tile at D = 256 instead of 64x16/4w (which spills there)."""
+    from kernels import _launch
+
+    monkeypatch.setattr(_launch, "_TUNED_FOR_3_9", tuned_for_3_9)
+    fwd = _launch._pruner("fwd", cap_d64=True)
+
+    def kept(prune, d, dropout=False):  # [(BLOCK_M, BLOCK_N, warps, stages, maxnreg)]
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
+                for c in prune(_launch._fwd_configs(), {"HEAD_DIM": d, "DROPOUT": dropout})]
+
+    d64 = kept(fwd, 64)
+    assert d64[0] == (128, 64, 8, 3, None if tuned_for_3_9 else _launch._FWD_D64_REG_CAP)
+    assert all(c[4] is None for c in d64[1:])  # only that tile is capped
+    assert [c[:4] for c in d64] == [c[:4] for c in kept(_launch._pruner("fwd"), 64)]  # same candidates
+    assert all(c[4] is None for c in kept(fwd, 64, dropout=True))  # dropout: no cap (it would spill)
+    assert all(c[4] is None for c in kept(fwd, 128))
+    assert all(c[4] is None for c in kept(_launch._pruner("fwd"), 64))  # LSG and dq never ask for it
+    dq256 = _launch._pruner("dq")(_launch._fwd_configs(), {"HEAD_DIM": 256})
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in dq256] == \
+        [(64, 16, 4) if tuned_for_3_9 else (32, 32, 4)]
+    lsg_dq256 = _launch._pruner("dq", d256=_launch._LSG_D256_SHAPES)(_launch._fwd_configs(), {"HEAD_DIM": 256})
+    assert (lsg_dq256[0].kwargs["BLOCK_M"], lsg_dq256[0].kwargs["BLOCK_N"]) == ((64, 16) if tuned_for_3_9 else (32, 32))
+
+
+def test_triton_version_parsed():
+    import triton
+    from kernels._launch import TRITON_VERSION, _TUNED_FOR_3_9
+
+    assert TRITON_VERSION == tuple(int(p) for p in triton.__version__.split(".")[:2])
+    assert _TUNED_FOR_3_9 == (TRITON_VERSION >= (3, 9))
