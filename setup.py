@@ -16,9 +16,26 @@ import sys
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home_hint() -> None:
+    """Set CUDA_HOME to /usr/local/cuda when it is unset and the toolkit torch would guess has no CUDA headers:
+    torch.utils.cpp_extension takes the parent of the first `nvcc` on PATH, and a wrapper script such as
+    /usr/local/bin/nvcc (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`) makes that /usr/local.  Runs before the
+    import of torch.utils.cpp_extension, which reads CUDA_HOME once."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or torch.version.cuda is None:
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else "/usr/local/cuda"
+    header = os.path.join("include", "cuda_runtime_api.h")
+    if not os.path.exists(os.path.join(guess, header)) and os.path.exists(os.path.join("/usr/local/cuda", header)):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+_cuda_home_hint()
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _sources(pattern: str) -> list:
