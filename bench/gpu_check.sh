@@ -38,6 +38,7 @@
 # always written by bench.headline, which stops starting cases at its own limit).
 #
 # Environment: PYTHON (default python3), DEADLINE_S, BENCH_RESERVE_S, PYTEST_ARGS (default "-x -q -rs"),
+# QUICK_TESTS_K, QUICK_TESTS_END_S, QUICK_TESTS_WORKERS (default 8, when pytest-xdist is importable),
 # BENCH_ARGS (extra arguments for python -m bench), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built).
 
 set -uo pipefail
@@ -176,11 +177,16 @@ bench() {
 quick_tests() {
   local t=$(( ${QUICK_TESTS_END_S:-290} - ($(date +%s) - START) ))
   local k=${QUICK_TESTS_K:-"oracle_fp32 or oracle_half or oracle_other or gradcheck or opcheck or dropout or gqa or padding or global"}
-  say "quick tests (-k '$k', time limit ${t}s, LHATTN_AUTOTUNE_CONFIGS=$LHATTN_AUTOTUNE_CONFIGS)"
+  # The selection launches about 560 distinct kernel specialisations (counted on CPU under the interpreter,
+  # 2026-12-03), each a compile on the GPU: 0.44 s on average with Triton 3.6 here (bench.sm90), about 4 min
+  # in one process. pytest-xdist (in the GPU machine's image) spreads them over QUICK_TESTS_WORKERS processes.
+  local par=()
+  if "$PY" -c "import xdist" 2>/dev/null; then par=(-n "${QUICK_TESTS_WORKERS:-8}"); fi
+  say "quick tests (-k '$k', ${par[*]:-one process}, time limit ${t}s, LHATTN_AUTOTUNE_CONFIGS=$LHATTN_AUTOTUNE_CONFIGS)"
   (( t < 30 )) && { echo "no time left for the tests" > "$OUT/tests.log"; return; }
   timeout "$t" "$PY" -m pytest tests/test_triton_sliding_window.py tests/test_triton_segment.py \
     tests/test_triton_lsg.py tests/test_triton_dropout.py tests/test_triton_lsg_dropout.py tests/test_ops.py \
-    tests/test_lsg_ops.py -q -rs -p no:cacheprovider --durations=10 -k "$k" > "$OUT/tests.log" 2>&1
+    tests/test_lsg_ops.py -q -rs -p no:cacheprovider --durations=10 ${par[@]+"${par[@]}"} -k "$k" > "$OUT/tests.log" 2>&1
   local rc=$?
   (( rc == 124 )) && echo "gpu_check: pytest killed after ${t}s (time limit)" >> "$OUT/tests.log"
   say "quick tests rc=$rc: $(tail -n 1 "$OUT/tests.log")"
