@@ -34,8 +34,9 @@
 #
 # quick's time plan (DEADLINE_S defaults to 470 for it): the build takes what it takes (at most until
 # QUICK_BUILD_END_S=180), the tests run until QUICK_TESTS_END_S (default 290), the headline ratios get
-# the rest minus 15 s (each stage is killed at its limit and says so in its log; summary.md is
-# always written by bench.headline, which stops starting cases at its own limit).
+# the rest minus 15 s (each stage is killed at its limit and says so in its log; bench.headline stops
+# starting cases at its own limit and rewrites summary.md and headline.json after every case, so a kill in
+# the middle of one keeps the others).
 #
 # Environment: PYTHON (default python3), DEADLINE_S, BENCH_RESERVE_S, PYTEST_ARGS (default "-x -q -rs"),
 # QUICK_TESTS_K, QUICK_TESTS_END_S, QUICK_TESTS_WORKERS (default 8, when pytest-xdist is importable),

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,10 @@ def cases(n_scale: int, device: str):
     ]
 
 
-def run(n_scale: int, device: str, deadline: float, log=print) -> List[dict]:
+def run(n_scale: int, device: str, deadline: float, log=print,
+        after_each: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Measure every case and provider until ``deadline``; ``after_each(rows)`` after each one (the caller
+    rewrites its files, so that a kill in the middle of a case keeps every case before it)."""
     timing = Timing(warmup_ms=10, rep_ms=50, target_s=1.0, max_reps=5)
     rows = []
     for name, w, providers, mode in cases(n_scale, device):
@@ -94,6 +97,8 @@ def run(n_scale: int, device: str, deadline: float, log=print) -> List[dict]:
             rows.append(res)
             log(json.dumps({k: res.get(k) for k in ("case", "provider", "mode", "status", "median_ms",
                                                      "useful_tflops", "reason", "wall_s")}))
+            if after_each is not None:
+                after_each(rows)
     return rows
 
 
@@ -206,8 +211,8 @@ def main(argv=None) -> int:
                 f.write(md)
         return md
 
-    rows = run(n_scale, args.device, t0 + args.time_limit_s, log)
-    write(rows, [])
+    write([], [])  # a summary exists from the start, rewritten after every case
+    rows = run(n_scale, args.device, t0 + args.time_limit_s, log, after_each=lambda r: write(r, []))
     enc = []
     if not args.no_encoder and time.perf_counter() < t0 + args.time_limit_s:
         try:

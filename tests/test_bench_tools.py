@@ -101,3 +101,30 @@ def test_freeze_heap_leaves_collection_working():
         assert gc.collect() >= 1, "objects made after the freeze are still collected"
     finally:
         gc.unfreeze()
+
+
+def test_headline_files_exist_from_the_start_and_after_every_case(tmp_path, monkeypatch):
+    """bench.headline (the GPU proof's ratios) writes summary.md and headline.json before its first case and
+    after each one, so that gpu_check.sh killing it mid-case keeps what was measured; a case past the time
+    limit is listed as skipped, not dropped."""
+    import json
+    from bench import headline
+
+    seen, real_run = [], headline.run
+
+    def fake_run(n_scale, device, deadline, log=print, after_each=None):
+        assert (tmp_path / "summary.md").exists()  # written before any case
+        rows = []
+        for i in range(2):
+            rows.append(dict(case=f"case {i}", provider="sdpa-default", mode="fwd+bwd", status="ok",
+                             median_ms=1.0 + i))
+            after_each(rows)
+            seen.append(len(json.loads((tmp_path / "headline.json").read_text())["rows"]))
+        return rows
+    monkeypatch.setattr(headline, "run", fake_run)
+    assert headline.main(["--device", "cpu", "--out", str(tmp_path), "--no-encoder"]) == 0
+    assert seen == [1, 2]
+    assert "case 1" in (tmp_path / "summary.md").read_text()
+
+    rows = real_run(16, "cpu", deadline=0.0, log=lambda s: None, after_each=lambda r: None)
+    assert rows and all(r["status"] == "skipped" and r["reason"] == "time limit" for r in rows)
