@@ -259,7 +259,13 @@ def _masked_scores(b_qk, o_j, lo, span, qk_scale, qk_scale_lo, EXACT_SCALE: tl.c
     with ``SIDE`` 1 / 2 before its first / after its last column (:func:`_in_side`).
     The select comes before the scale, so the scale still fuses into the exponent's FMA; with the
     float64 split scale (``x*hi + x*lo``, ``lo`` possibly 0: ``-inf * 0``) it comes after."""
-    m_s = _in_side(o_j, lo, span, SIDE)
+    return _mask_scores(b_qk, _in_side(o_j, lo, span, SIDE), qk_scale, qk_scale_lo, EXACT_SCALE)
+
+
+@triton.jit
+def _mask_scores(b_qk, m_s, qk_scale, qk_scale_lo, EXACT_SCALE: tl.constexpr):
+    """Scaled scores ``b_qk``, ``-inf`` where ``m_s`` (broadcast to the tile) is False, in the order of
+    :func:`_masked_scores`."""
     if EXACT_SCALE:
         return tl.where(m_s, _scale(b_qk, qk_scale, qk_scale_lo, EXACT_SCALE), float("-inf"))
     else:
@@ -368,7 +374,7 @@ def attn_fwd_range(
     qk_scale, qk_scale_lo,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False,
+    b_rk=0, col_offset=0, drop_thresh=0, DROPOUT: tl.constexpr = False, DENSE: tl.constexpr = False,
 ):
     """Attend query block ``b_q [BM, D]`` (indices ``o_i [BM]``) to the key indices
     ``[j_lo, j_hi)``, ``BLOCK_N`` at a time.  Key index ``j`` lives at position
@@ -376,8 +382,10 @@ def attn_fwd_range(
     masks (edge blocks); otherwise every key of every visited block is in range and
     in the band.  ``HAS_KEY_MASK``: ``p_km`` (int32 or uint8, position-indexed, nonzero =
     visible) masks keys on every block.  ``DROPOUT``: row keys ``b_rk [BM]``, key column
-    ``col_offset + position``.  Returns the updated ``(acc, m_i, l_i)``."""
-    if MASKED:
+    ``col_offset + position``.  ``DENSE``: ``before`` and ``after`` reach every key of ``[k_begin, k_end)``
+    (LSG's global rows), so a masked tile tests its columns only (the key mask's predicated load does it
+    when there is one).  Returns the updated ``(acc, m_i, l_i)``."""
+    if MASKED and not DENSE:
         r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)  # [BN]
@@ -393,8 +401,10 @@ def attn_fwd_range(
         b_s = _mm(b_q, tl.trans(b_k), None)
         if EXACT_SCALE:  # before any -inf: the split scale's x*lo would make -inf * 0 = nan
             b_s = _scale(b_s, qk_scale, qk_scale_lo, EXACT_SCALE)
-        if MASKED:
+        if MASKED and not DENSE:
             b_s = tl.where(_in_interval(o_j, r_lo, r_span), b_s, float("-inf"))
+        elif MASKED and not HAS_KEY_MASK:
+            b_s = tl.where(m_j[None, :], b_s, float("-inf"))
         if HAS_KEY_MASK:
             if MASKED:
                 m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
@@ -498,11 +508,12 @@ def attn_bwd_dq_range(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_rk=0, col_offset=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0, DROPOUT: tl.constexpr = False,
+    DENSE: tl.constexpr = False,
 ):
-    """``dq += dS k`` over key indices ``[j_lo, j_hi)`` (same addressing and masks as
+    """``dq += dS k`` over key indices ``[j_lo, j_hi)`` (same addressing, masks and ``DENSE`` as
     :func:`attn_fwd_range`); ``dS = P ∘ (dP − delta)``, the softmax scale is applied by
     the caller once at the end.  ``DROPOUT``: ``dP`` becomes ``keep ∘ dP / (1 - p)``."""
-    if MASKED:
+    if MASKED and not DENSE:
         r_lo, r_span = _row_interval(o_i, before, after, k_begin, k_end)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         o_j = j0 + tl.arange(0, BLOCK_N)
@@ -514,12 +525,14 @@ def attn_bwd_dq_range(
         else:
             b_k = tl.load(p_k + o_pos[:, None] * stride_kn + o_kd[None, :])
             b_v = tl.load(p_v + o_pos[:, None] * stride_vn + o_vd[None, :])
-        if MASKED:
+        if MASKED and not DENSE:
             b_s = _masked_scores(_mm(b_q, tl.trans(b_k), None), o_j, r_lo, r_span, qk_scale, qk_scale_lo,
                                  EXACT_SCALE)  # [BM, BN]
+        elif MASKED and not HAS_KEY_MASK:  # DENSE: the columns only
+            b_s = _mask_scores(_mm(b_q, tl.trans(b_k), None), m_j[None, :], qk_scale, qk_scale_lo, EXACT_SCALE)
         else:
             b_s = _scale(_mm(b_q, tl.trans(b_k), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BM, BN]
-        if HAS_KEY_MASK:
+        if HAS_KEY_MASK:  # DENSE: its predicated load also tests the columns
             if MASKED:
                 m_k = tl.load(p_km + o_pos * stride_kmn, mask=m_j, other=0) != 0
             else:
@@ -703,11 +716,14 @@ def attn_bwd_dkdv_range(
 #   ``kernels/_launch.py``, ``_left_edge_one_sided``), and lies inside ``[0, k_end)``, so its loads are
 #   neither clamped nor predicated and advance one tile per step (an index ``j0`` in the addresses would
 #   widen the loop counter, and with it the row test, to 64 bits).  Near the end of a short sequence the
-#   left edge can reach the tile holding ``k_end``: the forward and dq move that tile (and any after it)
-#   to the right edge (:func:`_one_sided_split`; its rows' first columns are then at or before the
-#   tile's start when ``before >= BLOCK_N - 2`` and the key chunks start on tile boundaries); dk/dv
-#   keeps it on the left edge and drops the query rows past ``r_end`` through their lse (``+inf``,
-#   ``p = 0``), a test per row.
+#   left edge can reach the tile holding ``k_end``: every pass moves that tile (and any after it) to the
+#   right edge (:func:`_one_sided_split`; its rows' first columns are then at or before the tile's start
+#   when ``before >= BLOCK_OTHER - 2`` -- or, in dk/dv, when ``before`` reaches every query row -- and the
+#   key chunks start on tile boundaries), dk/dv only then (``SPLIT_END``: a causal window's keys see their
+#   own row first, so there the lower bound cuts through that tile): otherwise dk/dv keeps it on the left
+#   edge and drops the query rows past ``r_end`` through their lse (``+inf``, ``p = 0``), a clamp and a
+#   predicated load per row (25-51 more SASS instructions per left-edge tile at D = 64 on sm_90, 64x128/8w:
+#   457 instead of 482, dilated 459 instead of 510).
 # * Fixed segments that are a multiple of the crossed tile and at least as long as the owned one are
 #   one-sided too: a block spans at most two segments and their boundary is a tile boundary.
 #
@@ -1096,12 +1112,15 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo,
     DROPOUT: tl.constexpr, p_drow, DROP_ROWS: tl.constexpr, drop_row_off, SIDE: tl.constexpr = 0,
+    SPLIT_END: tl.constexpr = False,
 ):
     """One loop of :func:`attn_bwd_dkdv_band` over the query tiles ``[i_lo, i_hi)`` of ``n_heads``
     heads (one flat loop, as :func:`attn_bwd_dkdv_heads`).  ``MASKED``: the row test of ``SIDE``
-    (:func:`_in_side`, on the query columns of the transposed tile); a left-edge loop (``SIDE == 1``)
-    drops the query rows at or after ``r_end`` through their lse (loaded as ``+inf``: ``p = 0``, and
-    ``delta`` as 0), one test per row instead of one per score."""
+    (:func:`_in_side`, on the query columns of the transposed tile).  A left-edge loop (``SIDE == 1``)
+    lies at or after row 0; with ``SPLIT_END`` also before ``r_end`` (:func:`attn_bwd_dkdv_band` moved the
+    tile holding ``r_end`` to the right edge): its loads are neither clamped nor predicated; without it,
+    it drops the query rows at or after ``r_end`` through their lse (loaded as ``+inf``: ``p = 0``, and
+    ``delta`` as 0), a clamp and a predicate per row."""
     o_r = tl.arange(0, BLOCK_M)  # [BM] row offsets inside a tile
     if MASKED:  # key j is seen by the rows j - after <= i <= j + before inside [r_begin, r_end)
         c_lo, c_span = _edge_bounds(o_j, after, before, r_begin, r_end, SIDE)
@@ -1109,16 +1128,15 @@ def _dkdv_tiles(
     for it in range(0, n_blk * n_heads):
         i_h = tl.cast(i_h0 + it % n_heads, tl.int64)
         i0 = i_lo + (it // n_heads) * BLOCK_M
-        if MASKED:  # clamped rows: loads in bounds; rows outside [r_begin, r_end) are outside every interval
-            if SIDE == 1:  # the tile lies at or after 0; rows past r_end: lse = +inf below
-                o_pos = (pos_offset + tl.minimum(i0 + o_r, r_end - 1) * pos_step).to(tl.int64)
-            else:
-                o_pos = (pos_offset + _edge_index(i0 + o_r, r_begin, r_end, SIDE) * pos_step).to(tl.int64)
+        if MASKED and SIDE == 1 and not SPLIT_END:  # the tile lies at or after 0; rows past r_end: lse = +inf
+            o_pos = (pos_offset + tl.minimum(i0 + o_r, r_end - 1) * pos_step).to(tl.int64)
+        elif MASKED and SIDE != 1:  # clamped rows: loads in bounds; rows outside [r_begin, r_end) fail the test
+            o_pos = (pos_offset + _edge_index(i0 + o_r, r_begin, r_end, SIDE) * pos_step).to(tl.int64)
         else:
             o_pos = (pos_offset + (i0 + o_r) * pos_step).to(tl.int64)
         b_q = tl.load(p_q + i_h * stride_qh + o_pos[:, None] * stride_qn + o_qd[None, :])  # [BM, D]
         b_do = tl.load(p_do + i_h * stride_doh + o_pos[:, None] * stride_don + o_dod[None, :])  # [BM, D]
-        if MASKED and SIDE == 1:
+        if MASKED and SIDE == 1 and not SPLIT_END:
             b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos,
                                                 stride_ln, stride_dn, i0 + o_r < r_end, True, USE_EXP2)
         else:
@@ -1159,15 +1177,17 @@ def attn_bwd_dkdv_band(
     BLOCK_M: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
     b_kcol=0, drop_seed=0, drop_bh0=0, drop_thresh=0, drop_scale=1.0, drop_scale_lo=0.0,
     DROPOUT: tl.constexpr = False, p_drow=0, DROP_ROWS: tl.constexpr = False, drop_row_off=0,
-    ONE_SIDED: tl.constexpr = False,
+    ONE_SIDED: tl.constexpr = False, SPLIT_END: tl.constexpr = False,
 ):
     """``dv += Pᵀ dO``, ``dk += dSᵀ q`` for the key block ``b_k, b_v [BN, D]`` (indices ``o_j``)
     over the whole band walk of query tiles ``[lo, full_lo)`` masked, ``[full_lo, full_hi)``
     unmasked, ``[full_hi, hi)`` masked, summed over ``n_heads`` query heads (arguments, masks and
     dropout as :func:`attn_bwd_dkdv_heads`; ``before``/``after`` scalars or ``[BN, 1]``).
     ``ONE_SIDED``: the caller guarantees the one-sided left edge (see "one-sided edges" above
-    :func:`_i64`; the query rows past ``r_end`` drop out through their lse, so no tile of the left edge
-    needs both bounds); ignored with dropout at D > 128."""
+    :func:`_i64`: the query rows past ``r_end`` drop out through their lse, so no tile of the left edge needs
+    both bounds); ignored with dropout at D > 128.  ``SPLIT_END`` (with ``ONE_SIDED``): the caller guarantees
+    that the lower bound cannot cut through the query tile holding ``r_end``; that tile moves to the right
+    edge (:func:`_one_sided_split`), and the left edge's loads need no clamp and no predicate."""
     if DROPOUT and b_k.shape[1] > 128:  # attn_bwd_dkdv_heads (D = 256: 253 registers, 255 with the band tiles)
         b_dk, b_dv = attn_bwd_dkdv_heads(
             b_dk, b_dv, b_k, b_v, o_j, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
@@ -1188,12 +1208,14 @@ def attn_bwd_dkdv_band(
             b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
             drop_row_off)
     else:
+        if ONE_SIDED and SPLIT_END:
+            full_lo, full_hi = _one_sided_split(lo, full_lo, full_hi, r_end, BLOCK_M)
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, lo, full_lo, r_begin, r_end,
             pos_offset, pos_step, o_j, before, after, qk_scale, qk_scale_lo, BLOCK_M, True, EXACT_SCALE, USE_EXP2,
             b_kcol, drop_seed, drop_bh0, drop_thresh, drop_scale, drop_scale_lo, DROPOUT, p_drow, DROP_ROWS,
-            drop_row_off, 1 if ONE_SIDED else 0)
+            drop_row_off, 1 if ONE_SIDED else 0, SPLIT_END)
         b_dk, b_dv = _dkdv_tiles(
             b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, i_h0, n_heads, stride_qh, stride_doh, stride_lh,
             stride_dh, stride_qn, stride_don, stride_ln, stride_dn, o_qd, o_dod, full_lo, full_hi, r_begin, r_end,

@@ -96,7 +96,7 @@ def _left_edge_one_sided(before: int, after: int, block_self: int, block_other: 
 
 
 def _one_sided_for(namespace: dict) -> Callable[..., dict]:
-    """A sliding-window family module's ``_one_sided(kind, left, right, chunk=0, dense=False, head_dim=64)``:
+    """A sliding-window family module's ``_one_sided(kind, left, right, chunk=0, dense=False, head_dim=64, n_k=None)``:
     ``{"ONE_SIDED": bool}`` for a launch of kernel ``kind`` with the (clamped) window ``(left, right)`` and key
     chunks starting at multiples of ``chunk`` (0: one chunk, starting at 0).  True when it holds for *every*
     tile shape the launch may run
@@ -109,7 +109,12 @@ def _one_sided_for(namespace: dict) -> Callable[..., dict]:
       (:func:`._core._one_sided_split`), where it may only fail the upper bound -- a row ``i <= n - 1`` has
       its first key ``i - left`` at or before that tile's start ``> n - BLOCK_N``.
     * dk/dv (rows: key tiles ``BLOCK_N``; the walk crosses query tiles ``BLOCK_M``; ``before = right``): the
-      left edge is one-sided (the query rows past the sequence drop out through their lse there).
+      left edge is one-sided (the query rows past the sequence drop out through their lse there).  With
+      ``right >= BLOCK_M - 2`` or ``right >= n_k`` (``n_k`` given) also ``{"SPLIT_END": True}``: the query
+      tile holding the sequence end moves to the right edge as in the forward, where it may only fail the
+      upper bound -- a key ``j <= n_k - 1 = n_q - 1`` has its first query row ``j - right`` at or before that
+      tile's start (a window needs ``n_q == n_k``; a dense pass has ``right = n_q + n_k``); a causal window
+      (``right = 0``) does not qualify.  dk/dv launches always get both keys.
 
     A dense pass (``left = right = Nq + Nk``) qualifies too, but its forward and dq (key chunks: they
     would need tile-aligned chunks) have a cheaper test of their own, the ``DENSE`` constexpr of the
@@ -117,13 +122,16 @@ def _one_sided_for(namespace: dict) -> Callable[..., dict]:
     the rows): a ``dense`` launch gets ``ONE_SIDED`` False here, as does ``head_dim > 128`` (there the
     one-sided tiles compiled worse on sm_90: the D = 256 dq's unmasked tile 336 instructions instead of
     305).  The dense dk/dv pass is one-sided (the same kernel as the band pass's)."""
-    def one_sided(kind: str, left: int, right: int, chunk: int = 0, dense: bool = False, head_dim: int = 64) -> dict:
+    def one_sided(kind: str, left: int, right: int, chunk: int = 0, dense: bool = False, head_dim: int = 64,
+                  n_k: Optional[int] = None) -> dict:
         if dense or head_dim > 128:  # see the docstring: the dense pass's own test; D > 128 cost instructions
-            return {"ONE_SIDED": False}
+            return {"ONE_SIDED": False, "SPLIT_END": False} if kind == "dkdv" else {"ONE_SIDED": False}
         shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
             [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES)]
         if kind == "dkdv":
             ok = all(_left_edge_one_sided(right, left, bn, bm) for bm, bn in shapes)
+            wide = n_k is not None and right >= n_k
+            return {"ONE_SIDED": ok, "SPLIT_END": ok and all(right >= bm - 2 or wide for bm, _ in shapes)}
         else:
             ok = all(_left_edge_one_sided(left, right, bm, bn) and left >= bn - 2 and chunk % bn == 0
                      for bm, bn in shapes)
@@ -133,20 +141,24 @@ def _one_sided_for(namespace: dict) -> Callable[..., dict]:
 
 
 def _segment_one_sided_for(namespace: dict) -> Callable[[str, Optional[int]], dict]:
-    """The segment family's ``_one_sided(kind, seg_size)``: ``{"ONE_SIDED": bool}``, True for fixed segments
+    """The segment family's ``_one_sided(kind, seg_size)``: ``{"ONE_SIDED": bool}`` (and for dk/dv
+    ``"SPLIT_END"``, the same value: see :func:`_one_sided_for`), True for fixed segments
     (``seg_size``; None for per-token bounds: False) that are a multiple of the tile the walk crosses and
     at least as long as the tile a program owns, for every tile shape the launch may run (as
     :func:`_one_sided_for`; :data:`_D256_SHAPES` included).  A block then spans at most two segments
     whose boundary is a tile boundary: the left edge holds the first segment's keys (the second one's
-    rows fail only their lower bound), the right edge the second one's."""
+    rows fail only their lower bound), the right edge the second one's.  The last segment starts on a tile
+    boundary too, at or before the tile holding the sequence end, so dk/dv may move that tile to the right
+    edge (``SPLIT_END``)."""
     def one_sided(kind: str, seg_size: Optional[int]) -> dict:
         if seg_size is None:
-            return {"ONE_SIDED": False}
+            return {"ONE_SIDED": False, "SPLIT_END": False} if kind == "dkdv" else {"ONE_SIDED": False}
         d256 = [t[kind] for t in _D256_SHAPES.values()]  # either calibration's
         shapes = [namespace["INTERPRET_BLOCKS"][kind]] if INTERPRET else \
             [s[:2] for s in (_DKDV_SHAPES if kind == "dkdv" else _FWD_SHAPES) + d256]
         pairs = [(bn, bm) if kind == "dkdv" else (bm, bn) for bm, bn in shapes]  # (tile owned, tile crossed)
-        return {"ONE_SIDED": all(seg_size % other == 0 and seg_size >= own for own, other in pairs)}
+        ok = all(seg_size % other == 0 and seg_size >= own for own, other in pairs)
+        return {"ONE_SIDED": ok, "SPLIT_END": ok} if kind == "dkdv" else {"ONE_SIDED": ok}
     one_sided.__name__ = one_sided.__qualname__ = "_one_sided"
     return one_sided
 

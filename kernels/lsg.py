@@ -996,7 +996,7 @@ def _lsg_global_rows_fwd_kernel(
             acc, m_i, l_i, b_q, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn, o_d * stride_kd,
             o_d * stride_vd, j_lo, j_hi, k_begin, k_end, 0, 1, big, big, qk_scale, qk_scale_lo,
             BLOCK_N, part == 1, HAS_KMASK, EXACT_SCALE, USE_EXP2,
-            b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT)
+            b_rk=b_rk, drop_thresh=drop_thresh, DROPOUT=DROPOUT, DENSE=True)
     m_row = m_m
     if HAS_KMASK:  # padding rows output 0, lse -inf
         m_row = m_row & (tl.load(p_km + o_m.to(tl.int64) * stride_kmn, mask=m_m, other=0) != 0)
@@ -1060,7 +1060,7 @@ def _lsg_global_rows_dq_kernel(
             b_dq, b_q, b_do, b_lse, b_delta, o_m, p_k, p_v, p_km, stride_kn, stride_vn, stride_kmn,
             o_d * stride_kd, o_d * stride_vd, j_lo, j_hi, k_begin, k_end, 0, 1, big, big, qk_scale, qk_scale_lo,
             BLOCK_N, part == 1, HAS_KMASK, EXACT_SCALE, USE_EXP2, b_rk=b_rk, drop_thresh=drop_thresh,
-            drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT)
+            drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, DENSE=True)
     b_dq = _scale(b_dq, sm_scale, sm_scale_lo, EXACT_SCALE)
     p_dq = DQ + i_s.to(tl.int64) * stride_dqs + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
     tl.store(p_dq + o_pq[:, None] * stride_dqn + o_d[None, :] * stride_dqd, cast_to(b_dq, DQ.dtype.element_ty),
@@ -1130,11 +1130,13 @@ filled 1 row of a 128-row tile there: ``python -m bench.tiles``.)"""
 
 
 def _global_rows_blocks(g: int, d: int):
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the global-row kernels."""
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the global-row kernels.  64-key tiles from D = 32 to
+    128; at D = 16 they spilled on sm_90 (Triton 3.9: the dq 8 B; before the masked tile's column test,
+    ``DENSE``, the forward with dropout 56 B), 32-key tiles do not (``bench/results/sm90-static-20261203/s26/``)."""
     bm = max(16, next_power_of_2(g))
     if INTERPRET:
         return bm, INTERPRET_BLOCKS["fwd"][1], None, None
-    return bm, 64 if d <= 128 else 32, 4, 2
+    return bm, 64 if 16 < d <= 128 else 32, 4, 2
 
 
 def _global_rows_chunks(q, n: int):

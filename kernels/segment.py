@@ -255,7 +255,7 @@ def _seg_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT", "ONE_SIDED"], kind="dkdv")
+@_tuned(_dkdv_configs(), key=["HEAD_DIM", "SEG", "DROPOUT", "ONE_SIDED", "SPLIT_END"], kind="dkdv")
 @triton.jit
 def _seg_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KM, SEG_START, SEG_END, DROP,
@@ -273,7 +273,7 @@ def _seg_bwd_dkdv_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SEG,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIXED: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr, DROPOUT: tl.constexpr,
-    ONE_SIDED: tl.constexpr,
+    ONE_SIDED: tl.constexpr, SPLIT_END: tl.constexpr,
 ):
     # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
     i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -314,7 +314,8 @@ def _seg_bwd_dkdv_kernel(
         o_d * stride_qd, o_d * stride_dod, lo, full_lo, full_hi, hi, s_first, e_last, 0, 1, before, after,
         qk_scale, qk_scale_lo, BLOCK_M, EXACT_SCALE, USE_EXP2, b_kcol=o_pk + drop_col_off, drop_seed=drop_seed,
         drop_bh0=i_b * heads_per_kv * tl.num_programs(1), drop_thresh=drop_thresh, drop_scale=drop_scale,
-        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED)
+        drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED,
+        SPLIT_END=SPLIT_END)
 
     # keys the segment pass does not see (padding, global) get nothing from it
     m_key = m_n
@@ -446,6 +447,18 @@ def segment_fwd(
     return out, lse
 
 
+def _dkdv_one_sided(d: int, seg_size: Optional[int], dropout: bool) -> dict:
+    """``ONE_SIDED`` / ``SPLIT_END`` of the dk/dv launch (:func:`._launch._segment_one_sided_for`).  Moving the
+    query tile that holds the sequence end to the right edge (``SPLIT_END``) shortened the left edge's tiles on
+    sm_90 with Triton 3.9 and 3.6 at D = 16 to 256 (D = 64: 457 -> 434 SASS instructions;
+    ``bench/results/sm90-static-20261203/s26/``), but with dropout at D = 16 it lengthened both kinds of tile
+    (Triton 3.9: the unmasked one 1010 -> 1042): not there."""
+    one = _one_sided("dkdv", seg_size)
+    if dropout and d <= 16:
+        one["SPLIT_END"] = False
+    return one
+
+
 def segment_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -508,7 +521,7 @@ def segment_bwd(
 
     _seg_bwd_dkdv_kernel[grid_kv](
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, **_strides("dk", dk), **_strides("dv", dv),
-        n=n, **kw, **_meta("dkdv"), **_one_sided("dkdv", _fixed(q, segment_size)),
+        n=n, **kw, **_meta("dkdv"), **_dkdv_one_sided(d, _fixed(q, segment_size), drop["DROPOUT"]),
     )
 
     if n_glob > 0:  # the global keys are seen by every (local) row

@@ -279,7 +279,7 @@ def _dkdv_tuning(key, narrow, keep=None):
 
 # the dilated band's dk/dv spilled 208 B on 32x32/4w at D = 256: keyed on the dilation; before Triton 3.9 the
 # dropout variant's too (24 B, Triton 3.6)
-@_dkdv_tuning(key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "dilation"],
+@_dkdv_tuning(key=["HEAD_DIM", "SPAN", "DROPOUT", "ONE_SIDED", "SPLIT_END", "dilation"],
               narrow=lambda args: args["dilation"] != 1 or (args["DROPOUT"] and not _TUNED_FOR_3_9))
 @triton.jit
 def _sw_bwd_dkdv_kernel(
@@ -297,7 +297,7 @@ def _sw_bwd_dkdv_kernel(
     qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, drop_scale, drop_scale_lo, drop_row_off, drop_col_off, SPAN,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KMASK: tl.constexpr, EXACT_SCALE: tl.constexpr, USE_EXP2: tl.constexpr,
-    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, ONE_SIDED: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP_ROWS: tl.constexpr, ONE_SIDED: tl.constexpr, SPLIT_END: tl.constexpr,
 ):
     # one program = one block of BLOCK_N keys of one kv head, summed over its query heads
     i_blk, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -340,7 +340,7 @@ def _sw_bwd_dkdv_kernel(
         BLOCK_M, EXACT_SCALE, USE_EXP2,
         b_kcol=o_pk + drop_col_off, drop_seed=drop_seed, drop_bh0=drop_bh0, drop_thresh=drop_thresh,
         drop_scale=drop_scale, drop_scale_lo=drop_scale_lo, DROPOUT=DROPOUT, p_drow=p_drow, DROP_ROWS=DROP_ROWS,
-        drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED)
+        drop_row_off=drop_row_off, ONE_SIDED=ONE_SIDED, SPLIT_END=SPLIT_END)
 
     m_key = m_n
     if HAS_KMASK:
@@ -672,10 +672,23 @@ def _bwd_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
     _sw_bwd_dkdv_kernel[grid](
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv,
         **_strides("dk", dk), **_strides("dv", dv),
-        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"),
-        **_one_sided("dkdv", kw["left"], kw["right"], 0, False, q.shape[3]),  # dense too: the base variant
+        n_q=nq, n_k=nk, heads_per_kv=h // h_kv, **kw, **_meta("dkdv"), **_dkdv_one_sided(q.shape[3], nk, kw),
     )
     return dk, dv
+
+
+def _dkdv_one_sided(d: int, nk: int, kw: dict) -> dict:
+    """``ONE_SIDED`` / ``SPLIT_END`` of the band's (or dense pass's) dk/dv launch (:func:`._launch._one_sided_for`).
+    Moving the query tile that holds the sequence end to the right edge (``SPLIT_END``) shortens the left
+    edge's tiles on sm_90 with Triton 3.9 (D = 64, 64x128/8w: 482 -> 457 SASS instructions, dilated 510 -> 459;
+    ``bench/results/sm90-static-20261203/s26/``) but not with dropout (D = 64: it spilled 8 B; D = 128: the
+    unmasked tile grew, 640 -> 647) nor with a dilation at D = 128 (it spilled 16 B), and before Triton 3.9 it
+    lengthened the unmasked tile (Triton 3.6, D = 64: 380 -> 408; D = 128: 292 -> 329): only where it was
+    measured to help."""
+    one = _one_sided("dkdv", kw["left"], kw["right"], 0, False, d, nk)  # dense too: the base variant
+    if not _TUNED_FOR_3_9 or kw["DROPOUT"] or (kw["dilation"] != 1 and d > 64):
+        one["SPLIT_END"] = False
+    return one
 
 
 def add_global_key_grads(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

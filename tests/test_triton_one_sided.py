@@ -4,7 +4,8 @@ band walk tests only each row's first column and the right edge only its last on
 ``_one_sided_for`` / ``_segment_one_sided_for``).
 
 * The walk, simulated in Python tile by tile, exactly as the kernels split it (``block_range``, the
-  segment ranges, ``_one_sided_split``, the dk/dv pass's lse drop of the query rows past the sequence):
+  segment ranges, ``_one_sided_split``; dk/dv without ``SPLIT_END``: the lse drop of the query rows past
+  the sequence):
   wherever the launch decision says one-sided, every (row, column) pair is visited once and seen iff the
   band says so -- for all small windows, block shapes, sequence lengths and key chunks.
 * The kernels under the interpreter (16 x 16 tiles) on windows just at and just under the threshold
@@ -73,11 +74,13 @@ def _split(lo, full_lo, full_hi, k_end, bo):
     return cut, max(min(full_hi, e), cut)
 
 
-def _walk(rows, bounds, ranges, k_begin, k_end, bo, n_other, kind):
+def _walk(rows, bounds, ranges, k_begin, k_end, bo, split):
     """Check one block's one-sided walk: ``bounds(i) = (first, last)`` column row ``i`` sees (inclusive,
-    clipped to ``[k_begin, k_end)``), ``ranges = (lo, full_lo, full_hi, hi)``."""
+    clipped to ``[k_begin, k_end)``), ``ranges = (lo, full_lo, full_hi, hi)``.  ``split``: the tile holding
+    ``k_end`` moves to the right edge (the forward and dq always; dk/dv with ``SPLIT_END``); else the left
+    edge's columns past ``k_end`` drop out (dk/dv: those query rows' lse is loaded as ``+inf``)."""
     lo, full_lo, full_hi, hi = ranges
-    if kind != "dkdv":
+    if split:
         full_lo, full_hi = _split(lo, full_lo, full_hi, k_end, bo)
     seen = {}
 
@@ -86,10 +89,9 @@ def _walk(rows, bounds, ranges, k_begin, k_end, bo, n_other, kind):
     for j0 in range(lo, full_lo, bo):  # left edge: first column only
         assert j0 >= 0
         for j in range(j0, j0 + bo):
-            if kind != "dkdv":
-                assert j < k_end  # unclamped loads inside [0, k_end)
-            for i in rows:  # dk/dv: the query rows past the sequence drop out through their lse (p = 0)
-                visit(i, j, j >= bounds(i)[0] and (kind != "dkdv" or j < k_end))
+            assert j < k_end or not split  # unclamped loads inside [0, k_end)
+            for i in rows:
+                visit(i, j, j >= bounds(i)[0] and j < k_end)
     for j0 in range(full_lo, full_hi, bo):  # unmasked
         for j in range(j0, j0 + bo):
             for i in rows:
@@ -108,7 +110,7 @@ def _walk(rows, bounds, ranges, k_begin, k_end, bo, n_other, kind):
         assert all(seen.get((i, j)) == 1 for j in range(first, last + 1)), (i, ranges)
 
 
-def _sliding_window_walk(n, left, right, bm, bn, kind, chunk=0):
+def _sliding_window_walk(n, left, right, bm, bn, kind, chunk=0, split=True):
     bs, bo, before, after = (bn, bm, right, left) if kind == "dkdv" else (bm, bn, left, right)
     chunks = [(0, n)] if chunk == 0 else [(c, min(n, c + chunk)) for c in range(0, n, chunk)]
     for start in range(0, n, bs):
@@ -117,12 +119,16 @@ def _sliding_window_walk(n, left, right, bm, bn, kind, chunk=0):
             def bounds(i):
                 return max(i - before, k_begin), min(i + after, k_end - 1)
             ranges = _block_range(start, before, after, k_begin, k_end, bs, bo)
-            _walk(rows, bounds, ranges, k_begin, k_end, bo, n, kind)
+            _walk(rows, bounds, ranges, k_begin, k_end, bo, split)
+
+
+def _decision(kind, left, right, bm, bn, chunk=0, n_k=None):
+    ns = {"INTERPRET_BLOCKS": {kind: (bm, bn)}}
+    return LAUNCH._one_sided_for(ns)(kind, left, right, chunk, n_k=n_k)
 
 
 def _decide(kind, left, right, bm, bn, chunk=0):
-    ns = {"INTERPRET_BLOCKS": {kind: (bm, bn)}}
-    return LAUNCH._one_sided_for(ns)(kind, left, right, chunk)["ONE_SIDED"]
+    return _decision(kind, left, right, bm, bn, chunk)["ONE_SIDED"]
 
 
 SHAPES = [(16, 16), (32, 16), (16, 32), (64, 16), (16, 64), (32, 32)]
@@ -135,11 +141,14 @@ def test_sliding_window_walk_is_exact_where_one_sided(monkeypatch, kind):
     for (bm, bn), n in itertools.product(SHAPES, (1, 17, 70)):
         for left, right in itertools.product((0, 1, 13, 14, 15, 16, 17, 31, 33, 64, 100), repeat=2):
             left, right = min(left, n), min(right, n)  # the launcher clamps the window to Nk
-            one = _decide(kind, left, right, bm, bn)
-            decided.add(one)
-            if one:
-                _sliding_window_walk(n, left, right, bm, bn, kind)
-    assert decided == {True, False}
+            got = _decision(kind, left, right, bm, bn, n_k=n)
+            split = got.get("SPLIT_END", True)
+            decided.add((got["ONE_SIDED"], split))
+            if got["ONE_SIDED"]:
+                _sliding_window_walk(n, left, right, bm, bn, kind, split=split)
+    # dk/dv: both ways of ending the left edge are walked
+    want = {(True, True), (True, False), (False, False)} if kind == "dkdv" else {(True, True), (False, True)}
+    assert decided == want
 
 
 def test_sliding_window_dense_split_walk_is_exact_where_one_sided(monkeypatch):
@@ -154,6 +163,14 @@ def test_sliding_window_dense_split_walk_is_exact_where_one_sided(monkeypatch):
         if one:
             _sliding_window_walk(n, big, big, bm, bn, "fwd", chunk)
     assert decided == {True, False}
+    decided = set()
+    for (bm, bn), n in itertools.product(SHAPES, (1, 17, 47, 70)):  # the dense dk/dv pass: one chunk
+        got = _decision("dkdv", 2 * n, 2 * n, bm, bn, n_k=n)
+        assert got["SPLIT_END"] == got["ONE_SIDED"]  # the band reaches every query row
+        decided.add(got["ONE_SIDED"])
+        if got["ONE_SIDED"]:
+            _sliding_window_walk(n, 2 * n, 2 * n, bm, bn, "dkdv")
+    assert decided == {True, False}
 
 
 def test_segment_walk_is_exact_where_one_sided(monkeypatch):
@@ -162,7 +179,9 @@ def test_segment_walk_is_exact_where_one_sided(monkeypatch):
     for (bm, bn), n, size, kind in itertools.product(SHAPES, (5, 16, 47, 64, 70), (1, 3, 16, 24, 32, 48, 64),
                                                      ("fwd", "dkdv")):
         size = min(size, n)
-        one = LAUNCH._segment_one_sided_for({"INTERPRET_BLOCKS": {kind: (bm, bn)}})(kind, size)["ONE_SIDED"]
+        got = LAUNCH._segment_one_sided_for({"INTERPRET_BLOCKS": {kind: (bm, bn)}})(kind, size)
+        one = got["ONE_SIDED"]
+        assert got.get("SPLIT_END", one) == one
         decided.add(one)
         if not one:
             continue
@@ -174,8 +193,7 @@ def test_segment_walk_is_exact_where_one_sided(monkeypatch):
             last = min(n, start + bs) - 1
             (s_first, e_first), (s_last, e_last) = seg(start), seg(last)
             ranges = _segment_block_range(s_first, e_first, s_last, e_last, bo)
-            _walk(range(start, last + 1), lambda i: (seg(i)[0], seg(i)[1] - 1), ranges, s_first, e_last, bo, n,
-                  kind)
+            _walk(range(start, last + 1), lambda i: (seg(i)[0], seg(i)[1] - 1), ranges, s_first, e_last, bo, True)
     assert decided == {True, False}
 
 
@@ -187,6 +205,43 @@ def test_launch_decision_at_the_threshold(monkeypatch):
     assert not _decide("fwd", 14, 14, 16, 16) and not _decide("dkdv", 14, 14, 16, 16)
     assert _decide("fwd", 15, 0, 16, 16) and _decide("dkdv", 15, 0, 16, 16)  # causal
     assert not _decide("fwd", 14, 0, 16, 16) and not _decide("dkdv", 14, 0, 16, 16)
+    # dk/dv moves the query tile holding the sequence end to the right edge when right >= BLOCK_M - 2 (or the
+    # band reaches every query row): not in a causal window, whose keys see their own row first
+    assert _decision("dkdv", 14, 15, 16, 16)["SPLIT_END"] and _decision("dkdv", 15, 14, 16, 16)["SPLIT_END"]
+    assert _decision("dkdv", 15, 13, 16, 16) == {"ONE_SIDED": True, "SPLIT_END": False}
+    assert _decision("dkdv", 15, 13, 16, 16, n_k=13) == {"ONE_SIDED": True, "SPLIT_END": True}
+    assert _decision("dkdv", 15, 0, 16, 16) == {"ONE_SIDED": True, "SPLIT_END": False}
+    assert _decision("dkdv", 14, 14, 16, 16) == {"ONE_SIDED": False, "SPLIT_END": False}
+    # the dk/dv kernels take both keywords, whatever the call (a dense pass, D > 128, per-token segments)
+    ns = {"INTERPRET_BLOCKS": {"dkdv": (16, 16)}}
+    for args in ((30, 30), (30, 30, 0, True), (30, 30, 0, False, 256), (30, 0, 0, False, 128, 100)):
+        assert set(LAUNCH._one_sided_for(ns)("dkdv", *args)) == {"ONE_SIDED", "SPLIT_END"}, args
+    for seg in (None, 16, 17):
+        assert set(LAUNCH._segment_one_sided_for(ns)("dkdv", seg)) == {"ONE_SIDED", "SPLIT_END"}, seg
+
+
+@pytest.mark.parametrize("tuned_for_3_9", [True, False])
+def test_sliding_window_dkdv_split_only_where_measured(monkeypatch, tuned_for_3_9):
+    """The sliding window's dk/dv takes ``SPLIT_END`` where sm_90 compiles it better (its launch's
+    ``_dkdv_one_sided``): not with dropout nor with a dilation at D > 64, nor before Triton 3.9."""
+    monkeypatch.setattr(SW_KERNELS, "_TUNED_FOR_3_9", tuned_for_3_9)
+    band = dict(left=256, right=256, dilation=1, DROPOUT=False)
+    for d, change, want in ((64, {}, True), (128, {}, True), (64, {"DROPOUT": True}, False),
+                            (32, {"DROPOUT": True}, False), (128, {"DROPOUT": True}, False),
+                            (64, {"dilation": 2}, True), (128, {"dilation": 2}, False), (256, {}, False)):
+        got = SW_KERNELS._dkdv_one_sided(d, 4096, dict(band, **change))
+        assert got == {"ONE_SIDED": d <= 128, "SPLIT_END": want and tuned_for_3_9}, (d, change, got)
+    # a causal window stays one-sided without the split
+    assert SW_KERNELS._dkdv_one_sided(64, 4096, dict(band, right=0)) == {"ONE_SIDED": True, "SPLIT_END": False}
+
+
+def test_segment_dkdv_split_only_where_measured():
+    """Fixed segments' dk/dv takes ``SPLIT_END`` with ``ONE_SIDED`` (every release), but not with dropout at
+    D = 16 (``kernels/segment.py``, ``_dkdv_one_sided``); per-token bounds take neither."""
+    for d, dropout in itertools.product((16, 32, 64, 128, 256), (False, True)):
+        got = SEG_KERNELS._dkdv_one_sided(d, 512, dropout)
+        assert got == {"ONE_SIDED": True, "SPLIT_END": not (dropout and d <= 16)}, (d, dropout, got)
+    assert SEG_KERNELS._dkdv_one_sided(64, None, False) == {"ONE_SIDED": False, "SPLIT_END": False}
 
 
 # --------------------------------------------------------------------------------------
@@ -218,15 +273,25 @@ def _record_one_sided(monkeypatch, module):
     def spy(kind, *args):
         out = inner(kind, *args)
         seen.setdefault(kind, set()).add(out["ONE_SIDED"])
+        if "SPLIT_END" in out and not hasattr(module, "_dkdv_one_sided"):
+            seen.setdefault(kind + " split", set()).add(out["SPLIT_END"])
         return out
     monkeypatch.setattr(module, "_one_sided", spy)
+    if hasattr(module, "_dkdv_one_sided"):  # the sliding window's dk/dv launch decides SPLIT_END itself
+        inner_dkdv = module._dkdv_one_sided
+
+        def spy_dkdv(*args):
+            out = inner_dkdv(*args)
+            seen.setdefault("dkdv split", set()).add(out["SPLIT_END"])
+            return out
+        monkeypatch.setattr(module, "_dkdv_one_sided", spy_dkdv)
     return seen
 
 
 @pytest.mark.parametrize("window, dilation, want", [
-    ((14, 15), 1, {"fwd": True, "dq": True, "dkdv": True}),  # at the threshold
-    ((13, 15), 2, {"fwd": False, "dq": False, "dkdv": True}),  # fwd/dq just under it
-    ((15, 0), 1, {"fwd": True, "dq": True, "dkdv": True}),  # causal, at the threshold
+    ((14, 15), 1, {"fwd": True, "dq": True, "dkdv": True, "dkdv split": True}),  # at the threshold
+    ((13, 15), 2, {"fwd": False, "dq": False, "dkdv": True, "dkdv split": True}),  # fwd/dq just under it
+    ((15, 0), 1, {"fwd": True, "dq": True, "dkdv": True, "dkdv split": False}),  # causal, at the threshold
 ], ids=["w14-15", "w13-15-dil2", "causal15"])
 def test_sliding_window_kernels_at_the_threshold(monkeypatch, window, dilation, want):
     if not SW_KERNELS.INTERPRET:
@@ -246,4 +311,4 @@ def test_segment_kernels_one_sided(monkeypatch):
     monkeypatch.setattr(SEG_KERNELS, "INTERPRET_BLOCKS", {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)})
     seen = _record_one_sided(monkeypatch, SEG_KERNELS)
     _compare(Case(b=2, h=2, h_kv=1, n=45, n_global="many", padding=True, seed=22), Segments(16))
-    assert seen == {"fwd": {True}, "dq": {True}, "dkdv": {True}}, seen
+    assert seen == {"fwd": {True}, "dq": {True}, "dkdv": {True}, "dkdv split": {True}}, seen
