@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from lhattn.nn import HATForMaskedLM, HATForSequenceClassification, HATModel
 from lhattn.nn.hat_model import detect_segment_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# the fixtures are safetensors files (safetensors comes with transformers, which the test command installs)
+_safetensors = pytest.importorskip("safetensors.torch")
+load_file, save_file = _safetensors.load_file, _safetensors.save_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hat"
 SEGMENT = 8

@@ -60,8 +60,7 @@ def _attention_layers():
 
 @functools.lru_cache(maxsize=None)
 def _lsg_bert():
-    from transformers.models.bert import modeling_bert
-
+    modeling_bert = pytest.importorskip("transformers.models.bert.modeling_bert")
     prefill = {k: v for k, v in vars(modeling_bert).items() if not k.startswith("__")}
     prefill.update({name: getattr(typing, name) for name in ("Optional", "Tuple", "Union", "List")}, math=math)
     return _exec_lsg_file("bert/modeling_lsg_bert.py", prefill)
