@@ -6,7 +6,8 @@ The convention (also stated in README.md, "README code blocks"):
   (its own imports, its own inputs) and small;
 * a block preceded by the line ``<!-- readme: no-run (reason) -->`` (blank lines in between
   allowed) is only compiled, for blocks that need a download, a GPU or several processes.
-  The reason is required.
+  The reason is required;
+* a block whose ``import`` of transformers or safetensors fails is skipped, naming the package.
 """
 
 from __future__ import annotations
