@@ -277,7 +277,7 @@ def _record_one_sided(monkeypatch, module):
             seen.setdefault(kind + " split", set()).add(out["SPLIT_END"])
         return out
     monkeypatch.setattr(module, "_one_sided", spy)
-    if hasattr(module, "_dkdv_one_sided"):  # the sliding window's dk/dv launch decides SPLIT_END itself
+    if hasattr(module, "_dkdv_one_sided"):  # each family's dk/dv launch has the last word on SPLIT_END
         inner_dkdv = module._dkdv_one_sided
 
         def spy_dkdv(*args):
