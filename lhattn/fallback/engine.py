@@ -10,6 +10,13 @@ The backward pass recomputes the scores block by block from the saved
 log-sum-exp (the FlashAttention recipe: ``dS = P ∘ (dP − rowsum(dO ∘ O))``),
 so nothing of size ``N × window`` is kept between forward and backward.
 
+Arithmetic: every product runs in float32 (float64 for float64 inputs) on operands upcast one block
+at a time -- the scores, ``P V``, ``dP``, and the dq/dk/dv products, each accumulated in that type
+across blocks and rounded to the input dtype once at the end.  A half-precision matmul would round
+its output, i.e. the scores before the softmax and ``dP`` before ``dP − δ`` (where exact
+cancellation is common: a row that sees one key has ``dS = 0``) and every block's dq/dk/dv
+contribution: about twice the error of the Triton kernels, which keep all of these in float32.
+
 Shapes: ``q [B, H, N, D]``; each source ``k, v [B, H_kv, N_s, D]`` with
 ``H % H_kv == 0`` (grouped-query attention: query head ``h`` reads key head
 ``h // (H // H_kv)``).  Outputs ``out [B, H, N, D]`` in q's dtype and
@@ -188,10 +195,10 @@ def _scores(qb: Tensor, ks: Sequence[Tensor], hidden: Sequence[Tensor], scale: f
     b, h, bq, _ = qb.shape
     g = h // h_kv
     acc = torch.float64 if qb.dtype == torch.float64 else torch.float32
-    qg = _group(qb, h_kv)
+    qg = _group(qb, h_kv).to(acc)
     parts = []
     for kb, m in zip(ks, hidden):
-        s = torch.matmul(qg, kb.transpose(-1, -2)).to(acc).mul_(scale)
+        s = torch.matmul(qg, kb.to(acc).transpose(-1, -2)).mul_(scale)
         parts.append(s.view(b, h_kv, g, bq, kb.shape[2]).masked_fill_(m, float("-inf")))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -219,13 +226,12 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float, dropout: Optional[Dro
         l = p.sum(dim=-1, keepdim=True)  # [B, Hkv, g, Bq, 1]; 0 for rows that see nothing
         if keep_bits is not None:
             p = p.mul_(keep_bits(blk.rows, used))  # dropped entries -> 0; l stays undropped
-        p = p.to(q.dtype)
         o = None
         start = 0
         for vb in vs:
             stop = start + vb.shape[2]
             pv = p[..., start:stop].reshape(b, h_kv, -1, stop - start)
-            ov = torch.matmul(pv, vb).to(acc)
+            ov = torch.matmul(pv, vb.to(acc))
             o = ov if o is None else o.add_(ov)
             start = stop
         o = o.view(b, h_kv, h // h_kv, bq, d).div_(l.clamp(min=torch.finfo(acc).tiny))
@@ -259,27 +265,28 @@ def _backward(q, sources, plan, scale, dropout, out, lse, dout):
         s = _scores(qb, ks, [hidden(i, kb.mask) for i, kb in used], scale, h_kv)
         lb = lse[:, :, blk.rows].reshape(b, h_kv, g, bq)
         p = s.sub_(torch.where(torch.isinf(lb), 0.0, lb)[..., None]).exp_()  # [B, Hkv, g, Bq, L]
-        dob = _group(dout[:, :, blk.rows], h_kv)  # [B, Hkv, g*Bq, D]
+        dob = _group(dout[:, :, blk.rows], h_kv).to(acc)  # [B, Hkv, g*Bq, D]
         db = delta[:, :, blk.rows].reshape(b, h_kv, g, bq, 1)
-        qg = _group(qb, h_kv)
+        qg = _group(qb, h_kv).to(acc)
         # dropout: 0 where dropped, 1 / (1 - p) where kept
         weight = None if keep_bits is None else keep_bits(blk.rows, used).to(acc).mul_(1.0 / (1.0 - dropout.p))
         dqb = None
         start = 0
         for (i, kb), kk, vv in zip(used, ks, vs):
             stop = start + kk.shape[2]
+            kk, vv = kk.to(acc), vv.to(acc)
             pb = p[..., start:stop]
             pv = pb  # the weights that multiplied v
-            dp = torch.matmul(dob, vv.transpose(-1, -2)).to(acc).view(b, h_kv, g, bq, -1)
+            dp = torch.matmul(dob, vv.transpose(-1, -2)).view(b, h_kv, g, bq, -1)
             if weight is not None:
                 w = weight[..., start:stop]
                 pv = pb * w
                 dp = dp.mul_(w)  # dP' = keep ∘ dP / (1 - p)
             ds = dp.sub_(db).mul_(pb).mul_(scale).reshape(b, h_kv, g * bq, -1)  # dS = P ∘ (dP' − δ)
             pv = pv.reshape(b, h_kv, g * bq, -1)
-            _add_rows(dkv[i][1], kb.index, torch.matmul(pv.to(q.dtype).transpose(-1, -2), dob).to(acc))
-            _add_rows(dkv[i][0], kb.index, torch.matmul(ds.to(q.dtype).transpose(-1, -2), qg).to(acc))
-            dqk = torch.matmul(ds.to(q.dtype), kk).to(acc)
+            _add_rows(dkv[i][1], kb.index, torch.matmul(pv.transpose(-1, -2), dob))
+            _add_rows(dkv[i][0], kb.index, torch.matmul(ds.transpose(-1, -2), qg))
+            dqk = torch.matmul(ds, kk)
             dqb = dqk if dqb is None else dqb.add_(dqk)
             start = stop
         dq[:, :, blk.rows] = dqb.view(b, h, bq, d)
