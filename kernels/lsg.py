@@ -1285,7 +1285,8 @@ class _Args:
             qk_scale=self.qk_scale, qk_scale_lo=self.qk_scale_lo, HEAD_DIM=d, CAUSAL=causal,
             EXACT_SCALE=self.exact, USE_EXP2=self.use_exp2,
         )
-        step = block_size // sparsity_factor
+        # without compressed keys the sparse arguments are unused, and the factor may exceed the block
+        step = block_size // sparsity_factor if self.has_sparse else max(1, block_size // sparsity_factor)
         (l_lo, l_hi), (r_lo, r_hi) = _windows(sparse_windows, step, sparse_block_size, causal)
         wrap = (max(abs(l_lo), abs(l_hi), abs(r_lo), abs(r_hi)) + step) // step + 1
         self.sparse = dict(n_c=self.n_c, sparse_step=step, left_lo=l_lo, left_hi=l_hi, right_lo=r_lo, right_hi=r_hi,

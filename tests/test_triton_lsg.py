@@ -121,6 +121,14 @@ OTHER_CASES = {
     # n = 2b + 1: the smallest blocked sequence; sparse_block_size = 0 (no compressed keys)
     "2b+1-sb0": (Case(b=1, h=2, h_kv=2, n=17, seed=11),
                  LSG(block_size=8, sparse_block_size=0, sparsity_type="pooling", num_global_tokens=1)),
+    # no compressed keys and a factor larger than the block (allowed then; the launcher divided by
+    # block // factor = 0: found by tests/fuzz.py)
+    "f-beyond-block-none": (Case(b=1, h=2, h_kv=1, n=21, padding=True, seed=22),
+                            LSG(block_size=2, sparse_block_size=1, sparsity_factor=4, sparsity_type="none",
+                                sparse_geometry="regular")),
+    "f-beyond-block-sb0": (Case(b=1, h=2, h_kv=1, n=19, seed=23),
+                           LSG(block_size=1, sparse_block_size=0, sparsity_factor=2, causal=True,
+                               global_layout="prepended")),
 }
 
 
