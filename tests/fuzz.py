@@ -214,6 +214,8 @@ def main(argv=None) -> int:
         if problems:
             bad += 1
             print(f"FAIL {call}\n  " + "\n  ".join(problems), flush=True)
+        if (seed - start + 1) % 50 == 0:
+            print(f"... {seed - start + 1} calls, {bad} failed, {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"{stop - start} calls, {bad} failed, {time.perf_counter() - t0:.0f} s ({args.dtype}, {args.device})")
     return 1 if bad else 0
 
