@@ -1169,7 +1169,8 @@ def _dkdv_tiles(
         else:
             b_lse, b_delta = attn_bwd_load_rows(p_lse + i_h * stride_lh, p_delta + i_h * stride_dh, o_pos,
                                                 stride_ln, stride_dn, o_r >= 0, False, USE_EXP2)
-        if MASKED and SIDE == 0 and not EXACT_SCALE:  # two-sided: as _dq_masked_tile
+        if MASKED and SIDE == 0 and not EXACT_SCALE and b_k.shape[1] <= 128:  # two-sided: as _dq_masked_tile
+            # (not at D = 256, mma.sync tiles: there the per-token segment bounds' tile spilled 24 B)
             b_st = _scale(_mm(b_k, tl.trans(b_q), None), qk_scale, qk_scale_lo, EXACT_SCALE)  # [BN, BM]
             b_pt = _bwd_probs(b_st, b_lse[None, :], _in_side(o_r, c_lo - i0, c_span, SIDE), USE_EXP2)
         else:
