@@ -197,6 +197,10 @@ def _sliding_window(dtype, d, variant):
         kw["dilation"] = 2
     elif variant == "padding":
         kw["key_mask"] = _meta((b, n), torch.bool)
+    elif variant == "causal":  # SlidingWindow(256, causal=True): the band ends on the diagonal
+        kw["window"] = (WINDOW[0], 0)
+    elif variant == "narrow":  # a band narrower than a tile: the two-sided row test on every edge tile
+        kw["window"] = (16, 16)
     elif variant == "dense":  # the global rows' pass: 64 rows see every key
         kw["window"] = None
         q = _meta((b, h, 64, d), dtype)
@@ -248,7 +252,8 @@ def _lsg(dtype, d, variant):
 
 
 FAMILIES: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
-    "sliding_window": (_sliding_window, ("base", "globals", "dropout", "dilation", "padding", "dense")),
+    "sliding_window": (_sliding_window, ("base", "globals", "dropout", "dilation", "padding", "causal", "narrow",
+                                         "dense")),
     "segment": (_segment, ("base", "globals", "dropout", "bounds", "padding")),
     "lsg": (_lsg, ("base", "causal", "dropout", "padding")),
 }
