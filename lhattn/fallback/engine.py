@@ -218,7 +218,7 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float, dropout: Optional[Dro
         qb = q[:, :, blk.rows]
         bq = qb.shape[2]
         ks = [_select(sources[i][0], kb.index) for i, kb in used]
-        vs = [_select(sources[i][1], kb.index) for i, kb in used]
+        vs = [_select(sources[i][1], kb.index).to(acc) for i, kb in used]
         s = _scores(qb, ks, [hidden(i, kb.mask) for i, kb in used], scale, h_kv)  # [B, Hkv, g, Bq, L]
         m = s.amax(dim=-1, keepdim=True)
         m = m.masked_fill_(torch.isinf(m), 0.0)  # rows that see nothing: keep exp() finite
@@ -231,7 +231,7 @@ def _forward(q: Tensor, sources, plan: Plan, scale: float, dropout: Optional[Dro
         for vb in vs:
             stop = start + vb.shape[2]
             pv = p[..., start:stop].reshape(b, h_kv, -1, stop - start)
-            ov = torch.matmul(pv, vb.to(acc))
+            ov = torch.matmul(pv, vb)
             o = ov if o is None else o.add_(ov)
             start = stop
         o = o.view(b, h_kv, h // h_kv, bq, d).div_(l.clamp(min=torch.finfo(acc).tiny))
@@ -258,23 +258,22 @@ def _backward(q, sources, plan, scale, dropout, out, lse, dout):
         used = [(i, kb) for i, kb in enumerate(blk.keys) if kb is not None]
         if not used:
             continue
-        qb = q[:, :, blk.rows]
+        qb = q[:, :, blk.rows].to(acc)  # every product in acc (module docstring): upcast once
         bq = qb.shape[2]
-        ks = [_select(sources[i][0], kb.index) for i, kb in used]
-        vs = [_select(sources[i][1], kb.index) for i, kb in used]
+        ks = [_select(sources[i][0], kb.index).to(acc) for i, kb in used]
+        vs = [_select(sources[i][1], kb.index).to(acc) for i, kb in used]
         s = _scores(qb, ks, [hidden(i, kb.mask) for i, kb in used], scale, h_kv)
         lb = lse[:, :, blk.rows].reshape(b, h_kv, g, bq)
         p = s.sub_(torch.where(torch.isinf(lb), 0.0, lb)[..., None]).exp_()  # [B, Hkv, g, Bq, L]
         dob = _group(dout[:, :, blk.rows], h_kv).to(acc)  # [B, Hkv, g*Bq, D]
         db = delta[:, :, blk.rows].reshape(b, h_kv, g, bq, 1)
-        qg = _group(qb, h_kv).to(acc)
+        qg = _group(qb, h_kv)
         # dropout: 0 where dropped, 1 / (1 - p) where kept
         weight = None if keep_bits is None else keep_bits(blk.rows, used).to(acc).mul_(1.0 / (1.0 - dropout.p))
         dqb = None
         start = 0
         for (i, kb), kk, vv in zip(used, ks, vs):
             stop = start + kk.shape[2]
-            kk, vv = kk.to(acc), vv.to(acc)
             pb = p[..., start:stop]
             pv = pb  # the weights that multiplied v
             dp = torch.matmul(dob, vv.transpose(-1, -2)).view(b, h_kv, g, bq, -1)
