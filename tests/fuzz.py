@@ -63,7 +63,7 @@ class Call:
                 f"{' strided' if self.strided else ''} {{{opts}}}")
 
 
-def _token_mask(rng: random.Random, gen: torch.Generator, b: int, n: int, rate: float) -> torch.Tensor:
+def _token_mask(gen: torch.Generator, b: int, n: int, rate: float) -> torch.Tensor:
     return torch.rand(b, n, generator=gen) < rate
 
 
@@ -86,7 +86,7 @@ def draw(seed: int) -> Call:
                       else (rng.choice([0, 1, 4, 9, 20, 64]), rng.choice([0, 1, 3, 16, 31])))
             pattern = SlidingWindow(window, dilation=rng.choice([1, 1, 1, 2, 3]))
         if rng.random() < 0.5:
-            kwargs["global_mask"] = _token_mask(rng, gen, b, n, rng.choice([0.02, 0.1, 0.3]))
+            kwargs["global_mask"] = _token_mask(gen, b, n, rng.choice([0.02, 0.1, 0.3]))
             if rng.random() < 0.3:
                 kwargs["global_qkv"] = True
     elif kind == "lsg":
@@ -113,7 +113,7 @@ def draw(seed: int) -> Call:
                     ids[i, cut:] += 1
             kwargs["segment_ids"] = ids
         if rng.random() < 0.4:
-            kwargs["global_mask"] = _token_mask(rng, gen, b, n, rng.choice([0.02, 0.1, 0.3]))
+            kwargs["global_mask"] = _token_mask(gen, b, n, rng.choice([0.02, 0.1, 0.3]))
     if rng.random() < 0.4:  # padding at the end of some rows, sometimes with holes
         kpm = torch.zeros(b, n, dtype=torch.bool)
         for i in range(b):

@@ -1,9 +1,11 @@
 """A few seeds of the differential fuzzer (:mod:`tests.fuzz`): random patterns, shapes and options, the
 Triton kernels (the interpreter on CPU) and the fallback against the reference, output, lse and every
-gradient.  Longer campaigns: ``python tests/fuzz.py --seeds 0:500`` (README, "Tests")."""
+gradient.  Longer campaigns: ``python tests/fuzz.py --seeds 0:500`` (README, "Layout"; docs/ARCHITECTURE.md, "Testing rules")."""
 
 import pytest
 import torch
+
+import lhattn
 
 from fuzz import OUTPUTS, Call, check, draw, run
 
@@ -35,7 +37,8 @@ def test_fuzz_draws_every_pattern_and_option():
     assert any(c.strided for c in calls) and {8, 24, 16, 32, 64} <= {c.d for c in calls}
     assert any(getattr(c.pattern, "dilation", 1) > 1 for c in calls)
     assert any(getattr(c.pattern, "causal", False) for c in calls)
-    assert draw(5).__dict__.keys() == draw(5).__dict__.keys() and str(draw(5)) == str(draw(5))  # reproducible
+    first, again = draw(7), draw(7)  # reproducible, random masks included
+    assert str(first) == str(again) and torch.equal(first.kwargs["global_mask"], again.kwargs["global_mask"])
 
 
 def test_fuzz_check_catches_a_wrong_backend(monkeypatch):
@@ -43,7 +46,7 @@ def test_fuzz_check_catches_a_wrong_backend(monkeypatch):
     reference runs, is reported."""
     import fuzz
 
-    call = Call(0, 1, 2, 1, 17, 16, __import__("lhattn").SlidingWindow(3), False, {})
+    call = Call(0, 1, 2, 1, 17, 16, lhattn.SlidingWindow(3), False, {})
     real = fuzz.run
 
     def off(c, backend, dtype, device="cpu"):
